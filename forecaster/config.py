@@ -117,7 +117,9 @@ class PreprocessConfig(_Section):
 class StationarityConfig(_Section):
     """The ADF + KPSS gate deciding fixed-feedback training vs remedy vs BPTT (ALGORITHMS §5.5)."""
 
-    alpha: float = Field(0.05, gt=0, lt=0.5)
+    # KPSS p-values exist only inside [0.01, 0.1] (table interpolation); outside it the verdict
+    # would hinge on a clipped value.
+    alpha: float = Field(0.05, ge=0.01, le=0.1)
     remedy: Literal["difference", "none"] = "difference"
     d_max: int = Field(1, ge=0, le=2)
     strict: bool = Field(False, description="refuse to train instead of falling back to BPTT")
