@@ -1,0 +1,180 @@
+"""The model contract every forecaster implements (DESIGN.md §5, ALGORITHMS.md §0 and §5.2).
+
+Every model maps `x [B, T, d] -> [B, T, H]`: from every time step it forecasts the next `H` values
+("forking sequences"). The recurrence is split into three pieces so that the same weights serve
+three callers:
+
+- `project_inputs(x) -> a`: the input projections of all steps in one matmul (plus bias), outside
+  the time loop (`[..., d] -> [..., P]`);
+- `recur(a_t, s_prev) -> s_t`: one step of the recurrence on the projected input and the carried
+  state (`[N, P], [N, S] -> [N, S]`, any `N`), so the fixed-feedback trainer can re-evaluate all
+  `B*T` steps in one batched call (ALGORITHMS.md §5.2 step (b); oracle O13);
+- `readout(s) -> y`: the head, a plain batched layer on states (`[..., S] -> [..., H]`).
+
+The carried state is always ONE tensor `s [N, S]` with `S = state_size` (GRU/MI-GRU: `h`;
+LSTM: `[h; c]`; LMN: `m`; SCRN: `[s_ctx; h]`), which keeps the time loop, the ONNX step graph and
+the feedback trainer generic. Everything else (`step`, `run_states`, `forward`, `forecast`,
+`recompute_states`) is written once here from those three pieces.
+
+Export requirements (forecaster/export.py scripts the loop with `torch.jit.script`):
+`project_inputs`, `recur` and `readout` must be TorchScript-compatible (annotated tensor
+arguments, sizes kept as module attributes, no closures over Python values), and the initial
+state must be zeros (the exported graphs build it as zeros). `forward` is marked
+`@torch.jit.ignore` so a model can be scripted as a submodule without compiling it; a subclass
+that overrides `forward` must keep that decorator. For a compact step graph, split tensors with
+`torch.split(t, sizes_list_attribute, dim)` rather than slicing with attribute bounds
+(`t[:, :self.n]` exports as a Slice plus shape arithmetic per slice).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from forecaster.errors import ModelError
+
+
+class RecurrentForecaster(nn.Module):
+    """Base class of all recurrent forecasters: the shared loop, head and batched-cell contract.
+
+    Subclasses implement `project_inputs`, `recur` and (optionally) `readout`; the default
+    readout is the linear head `self.head` applied to the first `head_features` state units
+    (all of them unless told otherwise).
+
+    Attributes:
+        input_size: features per time step `d`.
+        hidden_size: width of the model's hidden layer `h` (architecture-specific meaning).
+        horizon: forecast length `H`.
+        state_size: width `S` of the carried state tensor.
+        head: `nn.Linear(head_features, horizon)`.
+    """
+
+    # Registry name of the model family; subclasses set it.
+    name: str = "recurrent"
+    # Whether fixed-feedback training applies (ALGORITHMS.md §5.2); the trainer checks it.
+    supports_feedback: bool = True
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        horizon: int,
+        state_size: int,
+        *,
+        head_features: int | None = None,
+    ) -> None:
+        super().__init__()
+        sizes = {
+            "input_size": input_size,
+            "hidden_size": hidden_size,
+            "horizon": horizon,
+            "state_size": state_size,
+        }
+        for key, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"{key}: {value!r} is not a positive integer", field=key)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.horizon = horizon
+        self.state_size = state_size
+        self.head_features = state_size if head_features is None else head_features
+        self.head = nn.Linear(self.head_features, horizon)
+
+    # ---- the cell contract: implemented by every model --------------------------------------
+
+    def project_inputs(self, x: Tensor) -> Tensor:
+        """Input projections of every step in one matmul: `[..., d] -> [..., P]`."""
+        raise NotImplementedError
+
+    def recur(self, a_t: Tensor, s_prev: Tensor) -> Tensor:
+        """One recurrence step on the projected input: `[N, P], [N, S] -> [N, S]`, any `N`."""
+        raise NotImplementedError
+
+    def readout(self, s: Tensor) -> Tensor:
+        """Forecast from states: `[..., S] -> [..., H]` (the linear head on the first units)."""
+        if self.head_features == self.state_size:
+            return self.head(s)
+        return self.head(s[..., : self.head_features])
+
+    def initial_state(
+        self,
+        batch_size: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Zero state `[batch_size, S]` on the model's device and dtype unless given."""
+        reference = self.head.weight
+        return torch.zeros(
+            batch_size,
+            self.state_size,
+            device=reference.device if device is None else device,
+            dtype=reference.dtype if dtype is None else dtype,
+        )
+
+    # ---- written once from the three pieces -------------------------------------------------
+
+    def step(self, x_t: Tensor, s_prev: Tensor) -> Tensor:
+        """One step from raw inputs: `x_t [N, d], s_prev [N, S] -> s_t [N, S]`, any `N`."""
+        return self.recur(self.project_inputs(x_t), s_prev)
+
+    def run_states(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
+        """All carried states of a window: `x [B, T, d] -> [B, T+1, S]`, with `[:, 0] = s0`.
+
+        Input projections are computed once for the window; the loop walks a time-major tensor
+        (`unbind(0)` on `[T, B, P]`), never a batch-first slice. Subclasses may replace this
+        with a fused kernel as long as `recur` yields the same states (oracle O13).
+        """
+        self._check_input(x, s0)
+        s = self.initial_state(x.size(0), x.device, x.dtype) if s0 is None else s0
+        # Transpose the narrow input, not the projections: [T, B, d] -> [T, B, P].
+        a = self.project_inputs(x.transpose(0, 1))  # [T, B, P]
+        states = [s]
+        for a_t in a.unbind(0):
+            s = self.recur(a_t, s)  # [B, S]
+            states.append(s)
+        return torch.stack(states, dim=1)  # [B, T+1, S]
+
+    @torch.jit.ignore
+    def forward(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
+        """Forecasts from every step: `x [B, T, d] -> [B, T, H]` (forking sequences)."""
+        return self.readout(self.run_states(x, s0)[:, 1:])
+
+    def forecast(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
+        """Forecast from the last step of each window: `x [B, T, d] -> [B, H]`."""
+        return self.readout(self.run_states(x, s0)[:, -1])
+
+    def recompute_states(self, x: Tensor, s_prev: Tensor) -> Tensor:
+        """Re-evaluate all steps in one batched cell call, given the previous states.
+
+        Args:
+            x: inputs `[B, T, d]`.
+            s_prev: the state before each step `[B, T, S]` (typically `run_states(x)[:, :-1]`,
+                detached).
+
+        Returns:
+            States after each step `[B, T, S]`; equal to `run_states(x)[:, 1:]` when `s_prev`
+            comes from `run_states` (oracle O13).
+        """
+        self._check_input(x, None)
+        batch, steps = x.size(0), x.size(1)
+        if s_prev.shape != (batch, steps, self.state_size):
+            raise ModelError(
+                f"s_prev: shape {tuple(s_prev.shape)} is not "
+                f"[B, T, S] = {(batch, steps, self.state_size)}",
+                field="s_prev",
+            )
+        a = self.project_inputs(x).reshape(batch * steps, -1)  # [B*T, P]
+        s = self.recur(a, s_prev.reshape(batch * steps, self.state_size))  # [B*T, S]
+        return s.reshape(batch, steps, self.state_size)
+
+    def _check_input(self, x: Tensor, s0: Tensor | None) -> None:
+        if x.dim() != 3 or x.size(-1) != self.input_size:
+            raise ModelError(
+                f"x: shape {tuple(x.shape)} is not [B, T, d] with d = {self.input_size}",
+                field="x",
+            )
+        if s0 is not None and s0.shape != (x.size(0), self.state_size):
+            raise ModelError(
+                f"s0: shape {tuple(s0.shape)} is not [B, S] = {(x.size(0), self.state_size)}",
+                field="s0",
+            )

@@ -1,0 +1,568 @@
+"""Linear Memory Network: a nonlinear functional component plus a linear memory, and the
+closed-form linear-autoencoder pretraining of that memory.
+
+Bacciu, Carta, Sperduti 2018, "Linear Memory Networks" (arXiv 1811.03356). Implements
+ALGORITHMS.md §3.1 (cell; readout from the memory), §3.2 (linear autoencoder for sequences, solved
+by a thin SVD of the reversed-history matrix Ξ, or by an eigendecomposition of its Gram matrix ΞᵀΞ
+when Ξ is tall) and §3.3 (pretraining: `teacher_laes` from a plain RNN's hidden states, our
+derivation; `input_laes` from the inputs, the authors' group's later scheme). Pinned by oracles
+O5 (autoencoder exactness at p = rank Ξ), O6 (one-step reconstruction error non-increasing in p,
+zero at p = rank), O7 (the teacher-initialised LMN reproduces the teacher) and O13 (batched
+re-evaluation equals the loop); `torch.autograd.gradcheck` on the cell.
+
+The carried state is the memory `m [N, p]` only: `h_t` is a function of `x_t` and `m_{t−1}`, and
+the head reads `m_t` (`ŷ = W^{mo} m + b_o`). Per step: one matmul `W^{mh} m`, the activation, and
+one fused matmul of `[h; m]` with `[W^{hm} W^{mm}]` (ALGORITHMS.md §7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from forecaster.errors import ModelError
+from forecaster.models.base import RecurrentForecaster
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    SequencesLike = Tensor | npt.NDArray | Sequence[Tensor | npt.NDArray]
+
+__all__ = [
+    "LMN",
+    "LMNConfig",
+    "LinearAutoencoder",
+    "TeacherRNN",
+    "decode",
+    "encode",
+    "fit_linear_autoencoder",
+    "init_lmn_from_inputs",
+    "init_lmn_from_teacher",
+    "pretrain_lmn",
+]
+
+# Beyond this width L·k of a history row, Ξ (or its Gram matrix) no longer fits comfortably in
+# memory; the caller should shorten `history` instead [O].
+_MAX_HISTORY_WIDTH = 8192
+
+
+def _check_positive(owner: str, field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelError(f"{owner}.{field}: {value!r} is not a positive integer", field=field)
+
+
+def _check_choice(owner: str, field: str, value: object, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ModelError(f"{owner}.{field}: {value!r} is not one of {list(valid)}", field=field)
+
+
+def _activation(name: str) -> nn.Module:
+    return nn.Tanh() if name == "tanh" else nn.Sigmoid()
+
+
+@dataclass(frozen=True)
+class LMNConfig:
+    """Architectural hyper-parameters of the LMN (ALGORITHMS.md §3.1, §3.3)."""
+
+    hidden_size: int = 64  # h: width of the functional component
+    # p, the carried state; fit_linear_autoencoder(memory_size=None) suggests one from Ξ (§3.2).
+    memory_size: int = 64
+    activation: Literal["tanh", "sigmoid"] = "tanh"
+    # Pretraining `pretrain_lmn` runs before fine-tuning; the constructor always starts random.
+    # "input_laes" needs hidden_size == memory_size (W^{hm} ← I).
+    lmn_init: Literal["random", "teacher_laes", "input_laes"] = "random"
+
+    def __post_init__(self) -> None:
+        _check_positive("LMNConfig", "hidden_size", self.hidden_size)
+        _check_positive("LMNConfig", "memory_size", self.memory_size)
+        _check_choice("LMNConfig", "activation", self.activation, ("tanh", "sigmoid"))
+        _check_choice(
+            "LMNConfig", "lmn_init", self.lmn_init, ("random", "teacher_laes", "input_laes")
+        )
+        if self.lmn_init == "input_laes" and self.hidden_size != self.memory_size:
+            raise ModelError(
+                f"LMNConfig.hidden_size: {self.hidden_size} must equal memory_size "
+                f"({self.memory_size}) when lmn_init is 'input_laes' (W^{{hm}} is set to I)",
+                field="hidden_size",
+            )
+
+
+class LMN(RecurrentForecaster):
+    """Linear Memory Network forecaster; carried state `m [N, p]`, head `ŷ = W^{mo} m + b_o`.
+
+    Attributes:
+        input_proj: `W^{xh} [h, d]`, `b_h [h]`.
+        memory_to_hidden: `W^{mh} [h, p]`.
+        memory: weight `[W^{hm} W^{mm}] [p, h + p]`, bias `b_m [p]` (starts at zero, learned).
+        head: `W^{mo} [H, p]`, `b_o [H]` (from the base class).
+    """
+
+    name = "lmn"
+    supports_feedback = True
+
+    def __init__(self, config: LMNConfig, input_size: int, horizon: int) -> None:
+        super().__init__(input_size, config.hidden_size, horizon, state_size=config.memory_size)
+        self.config = config
+        self.memory_size = config.memory_size
+        hidden, memory = config.hidden_size, config.memory_size
+        self.input_proj = nn.Linear(input_size, hidden)
+        self.memory_to_hidden = nn.Parameter(torch.empty(hidden, memory))
+        self.memory = nn.Linear(hidden + memory, memory)
+        self.act = _activation(config.activation)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """`nn.Linear` defaults, `W^{mh}` uniform ±1/√p, `b_m = 0` (the paper's memory has none)."""
+        self.input_proj.reset_parameters()
+        self.memory.reset_parameters()
+        bound = 1.0 / math.sqrt(self.memory_size)
+        nn.init.uniform_(self.memory_to_hidden, -bound, bound)
+        nn.init.zeros_(self.memory.bias)
+
+    def project_inputs(self, x: Tensor) -> Tensor:
+        """`[..., d] -> [..., h]`: `W^{xh} x + b_h`."""
+        return self.input_proj(x)
+
+    def recur(self, a_t: Tensor, s_prev: Tensor) -> Tensor:
+        """`[N, h], [N, p] -> [N, p]`: functional component, then the linear memory (§3.1)."""
+        h = self.act(a_t + F.linear(s_prev, self.memory_to_hidden))  # [N, h]
+        return self.memory(torch.cat([h, s_prev], dim=-1))  # [N, p] = W^{hm} h + W^{mm} m + b_m
+
+    def functional_states(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
+        """The functional component's outputs `h_t` of every step: `x [B, T, d] -> [B, T, h]`."""
+        m = self.run_states(x, s0)  # [B, T+1, p]
+        return self.act(self.project_inputs(x) + F.linear(m[:, :-1], self.memory_to_hidden))
+
+
+class TeacherRNN(RecurrentForecaster):
+    """Plain RNN teacher of §3.3: `h_t = σ(W_xh x_t + W_hh h_{t−1} + b)`, `ŷ_t = W_ho h_t + b_o`.
+
+    Built from the LMN's config (its `hidden_size` and `activation`) so the weight mapping of
+    `init_lmn_from_teacher` is exact. Trained like any other forecaster; carried state `h [N, h]`.
+    """
+
+    name = "lmn_teacher"
+    supports_feedback = True
+
+    def __init__(self, config: LMNConfig, input_size: int, horizon: int) -> None:
+        super().__init__(input_size, config.hidden_size, horizon, state_size=config.hidden_size)
+        self.config = config
+        self.input_proj = nn.Linear(input_size, config.hidden_size)  # W_xh, b
+        self.recurrent_weight = nn.Parameter(torch.empty(config.hidden_size, config.hidden_size))
+        self.act = _activation(config.activation)
+        bound = 1.0 / math.sqrt(config.hidden_size)  # as nn.RNN
+        for weight in (self.input_proj.weight, self.input_proj.bias, self.recurrent_weight):
+            nn.init.uniform_(weight, -bound, bound)
+
+    def project_inputs(self, x: Tensor) -> Tensor:
+        """`[..., d] -> [..., h]`: `W_xh x + b`."""
+        return self.input_proj(x)
+
+    def recur(self, a_t: Tensor, s_prev: Tensor) -> Tensor:
+        """`[N, h], [N, h] -> [N, h]`."""
+        return self.act(a_t + F.linear(s_prev, self.recurrent_weight))
+
+
+# ---- linear autoencoder for sequences (ALGORITHMS.md §3.2) -------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LinearAutoencoder:
+    """A fitted linear autoencoder for sequences: `m_t = A (v_t − mean) + B m_{t−1}`, `m_0 = 0`.
+
+    Decoding: `v_t = Aᵀ m_t + mean`, `m_{t−1} = Bᵀ m_t` (exact for `p ≥ rank Ξ` and sequences no
+    longer than `history`; oracle O5). All tensors are float64.
+
+    Attributes:
+        A: encoder `[p, k]` (`U_pᵀ P_1`).
+        B: memory transition `[p, p]` (`U_pᵀ S U_p`).
+        mean: subtracted from every `v_t` `[k]` (zeros unless fitted with `center=True`).
+        components: `U_p [L·k, p]`, the top right singular vectors of Ξ (zero columns beyond L·k).
+        singular_values: all singular values of Ξ, descending `[min(N_rows, L·k)]`.
+        explained_energy: share of `‖Ξ‖_F²` the `p` kept directions hold.
+        history: `L`, the number of past steps a history row `ξ_t` holds.
+    """
+
+    A: Tensor
+    B: Tensor
+    mean: Tensor
+    components: Tensor
+    singular_values: Tensor
+    explained_energy: float
+    history: int
+
+    @property
+    def memory_size(self) -> int:
+        """`p`."""
+        return int(self.A.shape[0])
+
+    @property
+    def input_size(self) -> int:
+        """`k`."""
+        return int(self.A.shape[1])
+
+    @property
+    def bias(self) -> Tensor:
+        """Memory bias `b_m = −A·mean [p]` that lets the recurrence run on uncentred `v`."""
+        return -(self.A @ self.mean)
+
+
+def _as_sequences(sequences: SequencesLike, name: str) -> list[Tensor]:
+    """Validate and convert to a list of float64 tensors `[T_i, k]`."""
+    if isinstance(sequences, Tensor) or hasattr(sequences, "__array__"):
+        array = torch.as_tensor(sequences)
+        if array.dim() == 2:
+            items = [array]
+        elif array.dim() == 3:
+            items = list(array.unbind(0))
+        else:
+            raise ModelError(
+                f"{name}: shape {tuple(array.shape)} is not [T, k] or [N, T, k]", field=name
+            )
+    else:
+        items = [torch.as_tensor(item) for item in sequences]
+    if not items:
+        raise ModelError(f"{name}: no sequences given", field=name)
+    width = int(items[0].shape[-1]) if items[0].dim() > 0 else 0
+    for i, item in enumerate(items):
+        if item.dim() != 2 or item.shape[0] < 1 or item.shape[1] != width or width < 1:
+            raise ModelError(
+                f"{name}[{i}]: shape {tuple(item.shape)} is not [T, k] with T >= 1, k >= 1 "
+                f"and k as in {name}[0]",
+                field=name,
+            )
+        if not torch.isfinite(item).all():
+            raise ModelError(f"{name}[{i}]: contains NaN or infinite values", field=name)
+    return [item.to(torch.float64) for item in items]
+
+
+def _history_rows(v: Tensor, history: int) -> Tensor:
+    """Rows `ξ_t = [v_t; v_{t−1}; …; v_{t−L+1}]`, zero before the start: `[T, k] -> [T, L·k]`."""
+    steps, width = v.shape
+    padded = torch.cat([v.new_zeros(history - 1, width), v], dim=0)  # [T+L−1, k]
+    windows = padded.unfold(0, history, 1)  # [T, k, L]: window t = v_{t−L+1..t}
+    return windows.flip(-1).transpose(1, 2).reshape(steps, history * width)  # [T, L·k]
+
+
+def fit_linear_autoencoder(
+    sequences: SequencesLike,
+    memory_size: int | None = None,
+    history: int | None = None,
+    center: bool = False,
+    *,
+    energy: float = 0.999,
+    max_memory_size: int | None = None,
+    method: Literal["auto", "svd", "gram"] = "auto",
+) -> LinearAutoencoder:
+    """Fit the closed-form linear autoencoder for sequences (ALGORITHMS.md §3.2).
+
+    Args:
+        sequences: `[T_i, k]` tensors or arrays (or one `[N, T, k]` tensor) to memorise.
+        memory_size: `p`; when None, the smallest `p` whose singular values hold at least
+            `energy` of `‖Ξ‖_F²`, capped at `max_memory_size` (§3.2 suggests `4h`).
+        history: `L`, past steps per history row; None = the longest sequence (needed for exact
+            multi-step decoding; a shorter `L` keeps one-step decoding exact).
+        center: subtract the mean of all `v_t` first (§3.2); `bias` then holds `−A·mean`.
+        energy: share of `‖Ξ‖_F²` to keep when `memory_size` is None, in (0, 1].
+        max_memory_size: cap on the automatically chosen `p`.
+        method: "svd" (thin SVD of Ξ), "gram" (eigendecomposition of ΞᵀΞ, accumulated per
+            sequence; loses the smallest singular values to rounding sooner), or "auto" (Gram
+            when Ξ has more than 4·L·k rows).
+
+    Raises:
+        ModelError: on malformed sequences or arguments, all-zero data, or `L·k` above 8192.
+    """
+    seqs = _as_sequences(sequences, "sequences")
+    longest = max(int(s.shape[0]) for s in seqs)
+    width = int(seqs[0].shape[1])
+    if history is None:
+        history = longest
+    _check_positive("fit_linear_autoencoder", "history", history)
+    if memory_size is not None:
+        _check_positive("fit_linear_autoencoder", "memory_size", memory_size)
+    if max_memory_size is not None:
+        _check_positive("fit_linear_autoencoder", "max_memory_size", max_memory_size)
+    if isinstance(energy, bool) or not 0.0 < energy <= 1.0:
+        raise ModelError(
+            f"fit_linear_autoencoder.energy: {energy!r} is not in (0, 1]", field="energy"
+        )
+    _check_choice("fit_linear_autoencoder", "method", method, ("auto", "svd", "gram"))
+    row_width = history * width
+    if row_width > _MAX_HISTORY_WIDTH:
+        raise ModelError(
+            f"fit_linear_autoencoder.history: L·k = {history}·{width} = {row_width} exceeds "
+            f"{_MAX_HISTORY_WIDTH}; pass a shorter history",
+            field="history",
+        )
+
+    mean = torch.cat(seqs).mean(dim=0) if center else seqs[0].new_zeros(width)  # [k]
+    n_rows = sum(int(s.shape[0]) for s in seqs)
+    if method == "auto":
+        method = "gram" if n_rows > 4 * row_width else "svd"
+    if method == "gram":
+        gram = seqs[0].new_zeros(row_width, row_width)  # [L·k, L·k]
+        for s in seqs:
+            rows = _history_rows(s - mean, history)  # [T_i, L·k]
+            gram += rows.T @ rows
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+        rank_bound = min(n_rows, row_width)
+        singular = eigenvalues.flip(0)[:rank_bound].clamp(min=0.0).sqrt()
+        basis = eigenvectors.flip(1)  # [L·k, L·k], a full orthonormal basis
+    else:
+        xi = torch.cat([_history_rows(s - mean, history) for s in seqs])  # [N_rows, L·k]
+        _, singular, vh = torch.linalg.svd(xi, full_matrices=False)
+        basis = vh.T  # [L·k, r]
+        if memory_size is not None and basis.shape[1] < min(memory_size, row_width):
+            basis = torch.linalg.svd(xi, full_matrices=True).Vh.T  # complete the basis
+
+    energies = singular.square()
+    total = float(energies.sum())
+    if total <= 0.0:
+        raise ModelError(
+            "sequences: every value is zero (after centring); nothing to memorise",
+            field="sequences",
+        )
+    if memory_size is None:
+        share = energies.cumsum(0) / total
+        memory_size = min(int(torch.searchsorted(share, energy).item()) + 1, len(share))
+        if max_memory_size is not None:
+            memory_size = min(memory_size, max_memory_size)
+    kept = min(memory_size, basis.shape[1])
+    components = basis[:, :kept]  # [L·k, kept]
+    if memory_size > kept:  # p > L·k: the extra memory units stay at zero
+        components = torch.cat([components, components.new_zeros(row_width, memory_size - kept)], 1)
+
+    encoder = components[:width].T.contiguous()  # [p, k] = U_pᵀ P_1
+    # S U_p shifts U_p down one block (the oldest block drops out): B = U_pᵀ S U_p.
+    transition = components[width:].T @ components[:-width]  # [p, p]
+    return LinearAutoencoder(
+        A=encoder,
+        B=transition,
+        mean=mean,
+        components=components,
+        singular_values=singular,
+        explained_energy=float(energies[:kept].sum()) / total,
+        history=history,
+    )
+
+
+def encode(autoencoder: LinearAutoencoder, sequence: Tensor | npt.NDArray) -> Tensor:
+    """Memory states `m_1..m_T` of a sequence: `[..., T, k] -> [..., T, p]` (float64, `m_0 = 0`)."""
+    v = torch.as_tensor(sequence).to(autoencoder.A)  # [..., T, k]
+    if v.dim() < 2 or v.shape[-1] != autoencoder.input_size:
+        raise ModelError(
+            f"sequence: shape {tuple(v.shape)} is not [..., T, k] with k = "
+            f"{autoencoder.input_size}",
+            field="sequence",
+        )
+    v = v - autoencoder.mean
+    drive = v @ autoencoder.A.T  # [..., T, p]
+    m = drive.new_zeros(*drive.shape[:-2], autoencoder.memory_size)  # [..., p]
+    states = []
+    for a_t in drive.unbind(-2):
+        m = a_t + m @ autoencoder.B.T  # [..., p]
+        states.append(m)
+    return torch.stack(states, dim=-2)  # [..., T, p]
+
+
+def decode(autoencoder: LinearAutoencoder, memory: Tensor, steps: int) -> Tensor:
+    """The last `steps` inputs encoded in `m_t`, oldest first: `[..., p] -> [..., steps, k]`."""
+    _check_positive("decode", "steps", steps)
+    m = torch.as_tensor(memory).to(autoencoder.A)  # [..., p]
+    if m.dim() < 1 or m.shape[-1] != autoencoder.memory_size:
+        raise ModelError(
+            f"memory: shape {tuple(m.shape)} is not [..., p] with p = {autoencoder.memory_size}",
+            field="memory",
+        )
+    values = []
+    for _ in range(steps):
+        values.append(m @ autoencoder.A + autoencoder.mean)  # [..., k] = Aᵀ m + mean
+        m = m @ autoencoder.B  # [..., p] = Bᵀ m
+    return torch.stack(values[::-1], dim=-2)  # [..., steps, k]
+
+
+# ---- pretraining (ALGORITHMS.md §3.3) ----------------------------------------------------------
+
+
+def _check_windows(name: str, value: Tensor, model: RecurrentForecaster) -> None:
+    if value.dim() != 3 or value.shape[-1] != model.input_size or value.shape[1] < 1:
+        raise ModelError(
+            f"{name}: shape {tuple(value.shape)} is not [N, T, d] with d = {model.input_size}",
+            field=name,
+        )
+
+
+def init_lmn_from_teacher(
+    lmn: LMN,
+    teacher: TeacherRNN,
+    inputs: Tensor | Sequence[Tensor],
+    *,
+    history: int | None = None,
+) -> LinearAutoencoder:
+    """Initialise `lmn` in place so that it reproduces a trained `teacher` (§3.3, oracle O7).
+
+    Runs the teacher on the training windows, fits the linear autoencoder of §3.2 on its hidden
+    states (`p = lmn.memory_size`, uncentred so `m_0 = 0` decodes `h_0 = 0`), then sets
+    `W^{xh} ← W_xh`, `b_h ← b`, `W^{hm} ← A`, `W^{mm} ← B`, `W^{mh} ← W_hh Aᵀ`, `W^{mo} ← W_ho Aᵀ`,
+    `b_o ← b_o`, `b_m ← 0`. Exact when `p ≥ rank Ξ`; otherwise the best `p` directions.
+
+    Args:
+        lmn: the model to initialise (same input size, hidden size, horizon, activation).
+        teacher: the trained teacher.
+        inputs: training windows `[N, T, d]`, or a list of `[T_i, d]` windows.
+        history: `L` of the autoencoder (None = the longest window).
+
+    Returns:
+        The fitted autoencoder (its `explained_energy` says how exact the start is).
+    """
+    for key in ("input_size", "hidden_size", "horizon"):
+        if getattr(lmn, key) != getattr(teacher, key):
+            raise ModelError(
+                f"teacher.{key}: {getattr(teacher, key)} differs from the LMN's "
+                f"{getattr(lmn, key)}",
+                field=key,
+            )
+    if lmn.config.activation != teacher.config.activation:
+        raise ModelError(
+            f"teacher.activation: {teacher.config.activation!r} differs from the LMN's "
+            f"{lmn.config.activation!r}",
+            field="activation",
+        )
+    reference = teacher.head.weight
+    states: Tensor | list[Tensor]
+    with torch.no_grad():
+        if isinstance(inputs, Tensor):
+            _check_windows("inputs", inputs, teacher)
+            states = teacher.run_states(inputs.to(reference))[:, 1:]  # [N, T, h]
+        else:
+            states = []
+            for window in inputs:
+                x = torch.as_tensor(window).to(reference).unsqueeze(0)  # [1, T_i, d]
+                _check_windows("inputs", x, teacher)
+                states.append(teacher.run_states(x)[0, 1:])  # [T_i, h]
+    autoencoder = fit_linear_autoencoder(states, lmn.memory_size, history, center=False)
+
+    hidden, target = lmn.hidden_size, lmn.head.weight
+    encoder, transition = autoencoder.A, autoencoder.B  # [p, h], [p, p]
+    with torch.no_grad():
+        recurrent = teacher.recurrent_weight.to(encoder)  # [h, h]
+        readout = teacher.head.weight.to(encoder)  # [H, h]
+        lmn.input_proj.weight.copy_(teacher.input_proj.weight)
+        lmn.input_proj.bias.copy_(teacher.input_proj.bias)
+        lmn.memory_to_hidden.copy_((recurrent @ encoder.T).to(target))  # [h, p]
+        lmn.memory.weight[:, :hidden].copy_(encoder.to(target))
+        lmn.memory.weight[:, hidden:].copy_(transition.to(target))
+        lmn.memory.bias.zero_()
+        lmn.head.weight.copy_((readout @ encoder.T).to(target))  # [H, p]
+        lmn.head.bias.copy_(teacher.head.bias)
+    return autoencoder
+
+
+def init_lmn_from_inputs(
+    lmn: LMN,
+    inputs: Tensor,
+    targets: Tensor,
+    mask: Tensor | None = None,
+    *,
+    history: int | None = None,
+    center: bool = True,
+) -> LinearAutoencoder:
+    """Initialise `lmn` in place from a linear autoencoder of its inputs (`input_laes`, §3.3).
+
+    Sets `W^{xh} ← A`, `b_h ← −A·mean`, `W^{mh} ← 0`, `W^{hm} ← I`, `W^{mm} ← B`, `b_m ← 0`, so
+    `h_t = σ(A (x_t − mean))` and the memory runs the autoencoder's recurrence on `h_t`; then fits
+    the head `W^{mo}, b_o` by least squares on the resulting memory states (masked entries
+    ignored; minimum-norm solution).
+
+    Args:
+        lmn: the model (`hidden_size == memory_size`).
+        inputs: training windows `[N, T, d]`.
+        targets: forking-sequence targets `[N, T, H]`.
+        mask: 1 where a target counts, 0 elsewhere, `[N, T, H]` (None = all count).
+        history: `L` of the autoencoder (None = the window length).
+        center: centre the inputs before the SVD.
+
+    Returns:
+        The fitted autoencoder.
+    """
+    if lmn.hidden_size != lmn.memory_size:
+        raise ModelError(
+            f"lmn.hidden_size: {lmn.hidden_size} must equal memory_size ({lmn.memory_size}) "
+            "for input_laes (W^{hm} is set to I)",
+            field="hidden_size",
+        )
+    _check_windows("inputs", inputs, lmn)
+    expected = (*inputs.shape[:2], lmn.horizon)
+    if targets.shape != expected:
+        raise ModelError(
+            f"targets: shape {tuple(targets.shape)} is not [N, T, H] = {expected}",
+            field="targets",
+        )
+    if mask is not None and mask.shape != expected:
+        raise ModelError(
+            f"mask: shape {tuple(mask.shape)} is not [N, T, H] = {expected}", field="mask"
+        )
+    autoencoder = fit_linear_autoencoder(inputs, lmn.memory_size, history, center)
+
+    weight = lmn.head.weight
+    with torch.no_grad():
+        lmn.input_proj.weight.copy_(autoencoder.A.to(weight))
+        lmn.input_proj.bias.copy_(autoencoder.bias.to(weight))
+        lmn.memory_to_hidden.zero_()
+        eye = torch.eye(lmn.memory_size, dtype=weight.dtype, device=weight.device)
+        lmn.memory.weight[:, : lmn.hidden_size].copy_(eye)
+        lmn.memory.weight[:, lmn.hidden_size :].copy_(autoencoder.B.to(weight))
+        lmn.memory.bias.zero_()
+
+        m = lmn.run_states(inputs.to(weight))[:, 1:].reshape(-1, lmn.memory_size)  # [N·T, p]
+        design = torch.cat([m, m.new_ones(m.shape[0], 1)], dim=1).cpu().double()  # [N·T, p+1]
+        y = targets.reshape(-1, lmn.horizon).cpu().double()  # [N·T, H]
+        keep = None if mask is None else mask.reshape(-1, lmn.horizon).cpu() > 0
+        solution = design.new_zeros(design.shape[1], lmn.horizon)  # [p+1, H]
+        if keep is None:
+            solution = torch.linalg.lstsq(design, y, driver="gelsd").solution
+        else:
+            for j in range(lmn.horizon):  # each horizon step has its own valid rows
+                rows = keep[:, j]
+                if bool(rows.any()):
+                    fit = torch.linalg.lstsq(design[rows], y[rows, j : j + 1], driver="gelsd")
+                    solution[:, j : j + 1] = fit.solution
+        lmn.head.weight.copy_(solution[:-1].T.to(weight))
+        lmn.head.bias.copy_(solution[-1].to(weight))
+    return autoencoder
+
+
+def pretrain_lmn(
+    lmn: LMN,
+    inputs: Tensor,
+    targets: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    teacher: TeacherRNN | None = None,
+    history: int | None = None,
+) -> LinearAutoencoder | None:
+    """Run the pretraining `lmn.config.lmn_init` names; None for "random" (nothing to do).
+
+    "teacher_laes" needs a trained `teacher` (training lives outside the model package);
+    "input_laes" needs `targets` for the least-squares head.
+    """
+    choice = lmn.config.lmn_init
+    if choice == "teacher_laes":
+        if teacher is None:
+            raise ModelError(
+                "teacher: lmn_init 'teacher_laes' needs a trained TeacherRNN", field="teacher"
+            )
+        return init_lmn_from_teacher(lmn, teacher, inputs, history=history)
+    if choice == "input_laes":
+        if targets is None:
+            raise ModelError(
+                "targets: lmn_init 'input_laes' needs targets [N, T, H]", field="targets"
+            )
+        return init_lmn_from_inputs(lmn, inputs, targets, mask, history=history)
+    return None

@@ -1,0 +1,117 @@
+"""MI-GRU: a GRU with multiplicative integration in every gate.
+
+Wu, Zhang, Zhang, Bengio, Salakhutdinov 2016, "On Multiplicative Integration with Recurrent Neural
+Networks" (arXiv 1606.06630). Implements ALGORITHMS.md §1.2 (biases inside the projections, reset
+applied after `U`, torch's gate order r, z, n) and §1.3 (initialisation). Pinned by oracles O1
+(α = 0, β1 = β2 = 1 reduces to `torch.nn.GRU` with the same weights), O2 (block algebra,
+gradcheck) and O13 (batched re-evaluation equals the loop).
+
+Each gate's pre-activation `α⊙aˣ⊙aʰ + β1⊙aʰ + β2⊙aˣ` is computed as `A⊙aʰ + C` with
+`A = α⊙aˣ + β1` and `C = β2⊙aˣ`. A and C depend on the input only, so `project_inputs` computes
+them for all steps in one matmul and each step is one `[h, 3h]` matmul plus element-wise work
+(ALGORITHMS.md §5.3, §7).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from forecaster.models.base import RecurrentForecaster
+
+
+@dataclass(frozen=True)
+class MiGRUConfig:
+    """Architectural hyper-parameters of the MI-GRU."""
+
+    hidden_size: int = 64
+    # "gru": α = 0, β1 = β2 = 1 (starts exactly at a GRU); "mi": α = β1 = β2 = 1 (§1.3).
+    mi_init: Literal["gru", "mi"] = "gru"
+
+
+class MiGRUCell(nn.Module):
+    """MI-GRU cell with `torch.nn.GRU`'s parameter names and layout (gates stacked r, z, n).
+
+    Attributes:
+        weight_ih: `W [3h, d]`; weight_hh: `U [3h, h]`; bias_ih: `b_i [3h]`; bias_hh: `b_h [3h]`;
+        alpha, beta1, beta2: MI gates `[3h]`.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, mi_init: str = "gru") -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.mi_init = mi_init
+        # Split sizes as attributes: TorchScript sees lists, the ONNX Split gets constant sizes.
+        self.input_split = [3 * hidden_size, 2 * hidden_size, hidden_size]
+        self.gate_split = [2 * hidden_size, hidden_size]
+        self.unit_split = [hidden_size, hidden_size]
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(3 * hidden_size))
+        self.bias_hh = nn.Parameter(torch.empty(3 * hidden_size))
+        self.alpha = nn.Parameter(torch.empty(3 * hidden_size))
+        self.beta1 = nn.Parameter(torch.empty(3 * hidden_size))
+        self.beta2 = nn.Parameter(torch.empty(3 * hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W, U, b uniform ±1/√h as `nn.GRU`; α, β1, β2 per `mi_init` (ALGORITHMS.md §1.3)."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
+            nn.init.uniform_(weight, -bound, bound)
+        nn.init.constant_(self.alpha, 1.0 if self.mi_init == "mi" else 0.0)
+        nn.init.ones_(self.beta1)
+        nn.init.ones_(self.beta2)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Input-side terms `[A; C]` of the three gates in one matmul: `[..., d] -> [..., 6h]`.
+
+        `A = α⊙(W x + b_i) + β1` and `C = β2⊙(W x + b_i)` are one affine map of `x`, so the
+        weights `[diag(α) W; diag(β2) W]` and bias `[α⊙b_i + β1; β2⊙b_i]` are formed first
+        (constants after export) and applied once.
+        """
+        weight = torch.cat(
+            [self.alpha.unsqueeze(1) * self.weight_ih, self.beta2.unsqueeze(1) * self.weight_ih]
+        )  # [6h, d]
+        bias = torch.cat([self.alpha * self.bias_ih + self.beta1, self.beta2 * self.bias_ih])
+        return F.linear(x, weight, bias)  # [..., 6h]
+
+    def forward(self, a_t: Tensor, h: Tensor) -> Tensor:
+        """One MI-GRU step: `a_t [N, 6h]` (from `project`), `h [N, h] -> h' [N, h]`.
+
+        Uses `α⊙aˣ⊙aʰ + β1⊙aʰ + β2⊙aˣ = A⊙aʰ + C`, and for the candidate
+        `A_n⊙(r⊙aʰ_n) = r⊙(A_n⊙aʰ_n)`; splits use size lists so the exported step has no
+        shape arithmetic.
+        """
+        gain, offset_rz, offset_n = torch.split(a_t, self.input_split, dim=1)  # [N, 3h|2h|h]
+        q = gain * F.linear(h, self.weight_hh, self.bias_hh)  # [N, 3h] = A ⊙ (U h + b_h)
+        q_rz, q_n = torch.split(q, self.gate_split, dim=1)  # [N, 2h], [N, h]
+        r, z = torch.split(torch.sigmoid(q_rz + offset_rz), self.unit_split, dim=1)  # [N, h] each
+        n = torch.tanh(r * q_n + offset_n)  # [N, h]: reset after U (torch convention)
+        return n + z * (h - n)  # [N, h] = (1 − z) ⊙ n + z ⊙ h
+
+
+class MiGRU(RecurrentForecaster):
+    """MI-GRU forecaster: carried state `h [N, h]`, linear head on `h`."""
+
+    name = "mi_gru"
+    supports_feedback = True
+
+    def __init__(self, config: MiGRUConfig, input_size: int, horizon: int) -> None:
+        super().__init__(input_size, config.hidden_size, horizon, state_size=config.hidden_size)
+        self.config = config
+        self.cell = MiGRUCell(input_size, config.hidden_size, config.mi_init)
+
+    def project_inputs(self, x: Tensor) -> Tensor:
+        """`[..., d] -> [..., 6h]`: the gates' input-side terms `[A; C]` (see module doc)."""
+        return self.cell.project(x)
+
+    def recur(self, a_t: Tensor, s_prev: Tensor) -> Tensor:
+        """`[N, 6h], [N, h] -> [N, h]`."""
+        return self.cell(a_t, s_prev)
