@@ -138,6 +138,17 @@ class Config(_Section):
     preprocess: PreprocessConfig = PreprocessConfig()
     stationarity: StationarityConfig = StationarityConfig()
 
+    @model_validator(mode="after")
+    def _total_differencing(self) -> Config:
+        # The gate's remedy differences on top of the configured order; the transform stops at 2.
+        total = self.preprocess.difference + self.stationarity.d_max
+        if total > 2:
+            raise ValueError(
+                f"preprocess.difference ({self.preprocess.difference}) + stationarity.d_max "
+                f"({self.stationarity.d_max}) = {total} exceeds 2"
+            )
+        return self
+
 
 _PATH_KEYS = (("data", "path"), ("output_dir",))
 
@@ -213,7 +224,9 @@ def parse_config(
     except ValidationError as exc:
         messages = [_format_error(e, source) for e in exc.errors()]
         raise ConfigError(
-            messages[0] if len(messages) == 1 else f"{len(messages)} problems: " + "; ".join(messages),
+            messages[0]
+            if len(messages) == 1
+            else f"{len(messages)} problems: " + "; ".join(messages),
             field=".".join(str(p) for p in exc.errors()[0]["loc"]),
         ) from None
     if base_dir is None:
@@ -232,7 +245,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read and validate a YAML config; raise `ConfigError` naming the file and key on any problem."""
+    """Read and validate a YAML config; `ConfigError` names the file and key on any problem."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

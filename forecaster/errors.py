@@ -1,7 +1,8 @@
 """The one exception hierarchy of the project (STYLE.md §8).
 
 Every error carries the HTTP status the service maps it to and, where one is known, the name of the
-offending field, so the CLI can print one line and the service can answer `{"error", "field", "detail"}`.
+offending field, so the CLI can print one line and the service can answer
+`{"error", "field", "detail"}`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ class ForecasterError(Exception):
 
     http_status: int = 400
 
-    def __init__(self, message: str, *, field: str | None = None, detail: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, detail: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field

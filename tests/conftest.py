@@ -14,7 +14,9 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 def shared_data() -> Path:
     """The real datasets (ETT, NAB); CI lays ../shared beside the clone, so absence is an error."""
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"real data not found at {SHARED_DATA} (expected ../shared/data beside the repo)")
+        pytest.fail(
+            f"real data not found at {SHARED_DATA} (expected ../shared/data beside the repo)"
+        )
     return SHARED_DATA
 
 

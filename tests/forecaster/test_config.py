@@ -30,7 +30,9 @@ def test_paths_do_not_depend_on_working_directory(tmp_path: Path) -> None:
 
 
 def test_unknown_key_names_file_key_and_suggestion() -> None:
-    with pytest.raises(ConfigError, match=r"unknown_key\.yaml: unknown key 'window\.lookbak'") as exc:
+    with pytest.raises(
+        ConfigError, match=r"unknown_key\.yaml: unknown key 'window\.lookbak'"
+    ) as exc:
         load_config(FIXTURES / "unknown_key.yaml")
     assert "did you mean 'lookback'" in str(exc.value)
 
@@ -41,7 +43,9 @@ def test_bad_value_names_key_and_value() -> None:
 
 
 def test_bad_literal_lists_choices() -> None:
-    with pytest.raises(ConfigError, match=r"preprocess\.trend: 'cubic'.*'none', 'linear' or 'robust'"):
+    with pytest.raises(
+        ConfigError, match=r"preprocess\.trend: 'cubic'.*'none', 'linear' or 'robust'"
+    ):
         parse_config({"name": "a", "preprocess": {"trend": "cubic"}})
 
 
@@ -88,3 +92,8 @@ def test_stl_takes_one_period() -> None:
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(REPO_CONFIGS / name)
     assert config.name
+
+
+def test_total_differencing_is_bounded() -> None:
+    with pytest.raises(ConfigError, match=r"preprocess\.difference \(2\) \+ stationarity\.d_max"):
+        parse_config({"name": "a", "preprocess": {"difference": 2}, "stationarity": {"d_max": 1}})

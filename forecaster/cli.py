@@ -1,0 +1,231 @@
+"""The `forecaster` command line: parse, call the library and pipelines, render, exit codes.
+
+The composition root (STYLE.md §2): the only module that may import `pipelines` and `serving`,
+always inside command functions so `--help` stays fast. A `ForecasterError` becomes one line on
+stderr and exit code 2; nothing prints a traceback at a user.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from forecaster.errors import ForecasterError
+
+if TYPE_CHECKING:
+    from forecaster.config import Config
+    from pipelines.prepare import PreparedData
+
+app = typer.Typer(
+    name="forecaster",
+    help="Forecasting service for industrial time series: validate, preprocess, train, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Pipes and CI logs get a fixed, readable width instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+# Shown in full only when debugging the tool itself; users get one line.
+_DEBUG_ENV = "FORECASTER_DEBUG"
+# A data file can have thousands of problems; the first ones say what is wrong.
+_MAX_PROBLEMS_SHOWN = 20
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option("--config", "-c", help="YAML config file (see configs/).", show_default=False),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value by its YAML name: section.key=value."),
+]
+
+
+def _print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    _print_error(message)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn library errors into one line and exit code 2; unexpected errors into exit code 1."""
+    try:
+        yield
+    except ForecasterError as exc:
+        _print_error(exc.message)
+        problems = getattr(exc, "problems", None) or []
+        for extra in problems[1 : _MAX_PROBLEMS_SHOWN + 1]:
+            err_console.print(f"  - {extra}", highlight=False, soft_wrap=True)
+        if len(problems) > _MAX_PROBLEMS_SHOWN + 1:
+            err_console.print(f"  … {len(problems) - _MAX_PROBLEMS_SHOWN - 1} more not shown")
+        raise typer.Exit(2) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if os.environ.get(_DEBUG_ENV):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (set {_DEBUG_ENV}=1 for details)", 1)
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _load(config_path: Path, overrides: list[str] | None) -> Config:
+    from forecaster.config import load_config
+
+    return load_config(config_path, overrides or [])
+
+
+@app.command()
+def validate(
+    data: Annotated[Path, typer.Option("--data", "-d", help="CSV or Parquet file.")],
+    layout: Annotated[str, typer.Option(help="long (unique_id, ds, y) or wide.")] = "long",
+    time_col: Annotated[
+        str | None, typer.Option(help="Time column; detected among ds, date, timestamp, …")
+    ] = None,
+    id_col: Annotated[str, typer.Option(help="Series id column (long layout).")] = "unique_id",
+    target_col: Annotated[str, typer.Option(help="Value column (long layout).")] = "y",
+    columns: Annotated[
+        list[str] | None, typer.Option("--column", help="Wide layout: series column to use.")
+    ] = None,
+    freq: Annotated[str | None, typer.Option(help="Expected frequency (pandas alias).")] = None,
+    gaps: Annotated[str, typer.Option(help="refuse or interpolate missing steps.")] = "refuse",
+    max_gap: Annotated[int, typer.Option(help="Longest gap to interpolate, in steps.")] = 3,
+    min_length: Annotated[int, typer.Option(help="Shortest acceptable series.")] = 1,
+) -> None:
+    """Check a data file against the data contract and report every problem found."""
+    with _user_errors():
+        from pydantic import ValidationError
+
+        from forecaster.config import DataConfig, GapConfig
+        from forecaster.data import load_data
+        from forecaster.data import validate as validate_frame
+
+        try:
+            data_config = DataConfig(
+                source="file",
+                path=data,
+                layout=layout,  # type: ignore[arg-type]
+                time_col=time_col,
+                id_col=id_col,
+                target_col=target_col,
+                columns=columns,
+                freq=freq,
+                gaps=GapConfig(policy=gaps, max_gap=max_gap),  # type: ignore[arg-type]
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = str(first["loc"][-1]) if first["loc"] else "data"
+            option = {"policy": "--gaps", "columns": "--column"}.get(
+                key, "--" + key.replace("_", "-")
+            )
+            _fail(f"{option}: {first.get('input')!r}: {first['msg']}")
+        frame = load_data(data_config)
+        checked = validate_frame(
+            frame,
+            freq=freq,
+            min_length=min_length,
+            gap_policy=gaps,
+            max_gap=max_gap,
+            unsorted="sort",
+        )
+        table = Table(title=f"{data}: {checked.n_series} series, frequency {checked.freq}")
+        for column in ("series", "rows", "first", "last"):
+            table.add_column(column)
+        for series_id, group in checked.frame.groupby("unique_id", sort=False):
+            table.add_row(
+                str(series_id), str(len(group)), str(group["ds"].iloc[0]), str(group["ds"].iloc[-1])
+            )
+        console.print(table)
+        for warning in checked.warnings:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print("[green]ok[/]: no problems found")
+
+
+def _print_prepared(prepared: PreparedData) -> None:
+    table = Table(title=f"preprocessing and stationarity ({len(prepared.spec.series)} series)")
+    for column in ("series", "train rows", "slope", "periods", "scale", "verdict", "after remedy"):
+        table.add_column(column, overflow="fold")
+    for row in prepared.summary_rows():
+        table.add_row(*row)
+    console.print(table)
+    decision = prepared.decision
+    colour = {"feedback": "green", "bptt": "yellow", "refuse": "red"}[decision.method]
+    console.print(
+        f"gate: [{colour}]{decision.method}[/] (differences={decision.differences}) — "
+        f"{decision.reason}",
+        highlight=False,
+    )
+
+
+@app.command()
+def preprocess(
+    config: ConfigOption,
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="Use this file instead of data.path.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: <output_dir>/preprocess).")
+    ] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Fit preprocessing on the training window, run the stationarity gate, write both reports."""
+    with _user_errors():
+        from pipelines.prepare import prepare
+
+        cfg = _load(config, overrides)
+        prepared = prepare(cfg, data_path=data)
+        out_dir = out if out is not None else cfg.output_dir / "preprocess"
+        written = prepared.write(out_dir)
+        _print_prepared(prepared)
+        for path in written:
+            console.print(f"wrote {path}", highlight=False)
+        if prepared.decision.method == "refuse":
+            _fail(f"stationarity gate refused (strict mode): {prepared.decision.reason}")
+
+
+@app.command()
+def demo(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Demo config (default: built in).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
+) -> None:
+    """Run the whole path that exists, end to end, on embedded synthetic plant data."""
+    with _user_errors():
+        from forecaster.config import parse_config
+        from pipelines.demo import run_demo
+
+        cfg = _load(config, None) if config is not None else parse_config({"name": "demo"})
+        out_dir = out if out is not None else cfg.output_dir
+        run_demo(cfg, out_dir, report=lambda line: console.print(line, highlight=False))
+
+
+def main() -> None:
+    """Entry point for `python -m forecaster.cli`."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
