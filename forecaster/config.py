@@ -19,6 +19,10 @@ from forecaster.errors import ConfigError
 __all__ = [
     "Config",
     "DataConfig",
+    "FeedbackConfig",
+    "LossConfig",
+    "ModelConfig",
+    "TrainConfig",
     "GapConfig",
     "PreprocessConfig",
     "SplitConfig",
@@ -127,6 +131,58 @@ class StationarityConfig(_Section):
     min_pass_fraction: float = Field(1.0, gt=0, le=1)
 
 
+class ModelConfig(_Section):
+    """Which model to build; `params` are the model's own hyper-parameters, validated by the
+    registry against the model's dataclass (forecaster/models/registry.py)."""
+
+    name: Literal["mi_gru", "lmn", "scrn", "gru", "lstm"] = "mi_gru"
+    hidden_size: int = Field(64, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossConfig(_Section):
+    """The temporally rescaled loss (ALGORITHMS.md §4.2); eta = gamma = 0, t0 = 0 is plain MSE."""
+
+    kind: Literal["squared", "absolute"] = "squared"
+    eta: float = Field(1.0, ge=0, description="time-index rescaling exponent a_t")
+    gamma: float = Field(0.0, ge=0, description="horizon rescaling exponent c_k")
+    burn_in: int | None = Field(
+        None, ge=0, description="steps without loss t0; default min(24, T // 4)"
+    )
+
+
+class FeedbackConfig(_Section):
+    """The fixed state feedback d of fixed-feedback training (ALGORITHMS.md §5.3)."""
+
+    kind: Literal["jacobian_mean", "constant", "ssm_grid"] = "jacobian_mean"
+    value: float = Field(0.9, gt=-1, lt=1, description="d for kind 'constant'")
+    rho_max: float = Field(0.999, gt=0, lt=1, description="clip of |d_u|")
+    refresh_every: int = Field(1, ge=1, description="epochs between estimates of d")
+    estimate_batches: int = Field(4, ge=1)
+
+
+class TrainConfig(_Section):
+    """How to train (forecaster/training); one name per knob in YAML, CLI and MLflow."""
+
+    method: Literal["feedback", "bptt", "tbptt"] = "feedback"
+    truncation: int = Field(32, ge=1, description="tbptt: steps per truncated segment")
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    clip_norm: float = Field(1.0, gt=0)
+    lr_decay: float = Field(0.5, gt=0, le=1, description="factor on a validation plateau")
+    patience: int = Field(3, ge=1, description="epochs without improvement before stopping")
+    eval_every: int = Field(0, ge=0, description="validate every N steps too (0: per epoch)")
+    stride: int = Field(1, ge=1, description="steps between training windows")
+    max_windows: int | None = Field(None, ge=1, description="subsample windows per epoch")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(False, description="mixed precision on CUDA")
+    deterministic: bool = True
+    loss: LossConfig = LossConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+
+
 class Config(_Section):
     """A whole job: one experiment and one registered model per config."""
 
@@ -137,6 +193,8 @@ class Config(_Section):
     window: WindowConfig = WindowConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     stationarity: StationarityConfig = StationarityConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _total_differencing(self) -> Config:
