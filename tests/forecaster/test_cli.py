@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from forecaster.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _long_csv(path: Path, n: int = 600) -> Path:
+    ds = pd.date_range("2024-01-01", periods=n, freq="h")
+    y = 10 + np.sin(2 * np.pi * np.arange(n) / 24) + np.random.default_rng(0).normal(0, 0.1, n)
+    pd.DataFrame({"unique_id": "pump", "ds": ds, "y": y}).to_csv(path, index=False)
+    return path
+
+
+def _config(tmp_path: Path, data: Path) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"name: job\noutput_dir: out\ndata:\n  source: file\n  path: {data.name}\n"
+        "  split: {val_size: 96, test_size: 96}\n"
+        "window: {lookback: 48, horizon: 24}\n"
+        "preprocess: {trend: linear, seasonality: stl, periods: [24]}\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["validate"], ["preprocess"], ["demo"]])
+def test_help_everywhere(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_validate_reports_series(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["validate", "--data", str(_long_csv(tmp_path / "d.csv"))])
+    assert result.exit_code == 0, result.output
+    assert "pump" in result.output
+    assert "no problems found" in result.output
+
+
+def test_validate_bad_file_exits_2_naming_row(tmp_path: Path) -> None:
+    path = _long_csv(tmp_path / "d.csv")
+    lines = path.read_text().splitlines()
+    lines[18] = lines[18].rsplit(",", 1)[0] + ",oops"  # data row 17 (header is line 0)
+    path.write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["validate", "--data", str(path)])
+    assert result.exit_code == 2
+    assert "row 17" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_detects_time_column_and_wide_layout(tmp_path: Path) -> None:
+    path = tmp_path / "wide.csv"
+    ds = pd.date_range("2024-01-01", periods=100, freq="15min")
+    pd.DataFrame({"timestamp": ds, "a": np.arange(100.0), "b": np.arange(100.0) ** 0.5}).to_csv(
+        path, index=False
+    )
+    result = runner.invoke(app, ["validate", "--data", str(path), "--layout", "wide"])
+    assert result.exit_code == 0, result.output
+    assert "frequency 15min" in result.output
+
+
+def test_validate_bad_option_value_names_option(tmp_path: Path) -> None:
+    path = _long_csv(tmp_path / "d.csv")
+    result = runner.invoke(app, ["validate", "--data", str(path), "--gaps", "maybe"])
+    assert result.exit_code == 2
+    assert "--gaps: 'maybe'" in result.output
+
+
+def test_preprocess_writes_both_reports(tmp_path: Path) -> None:
+    config = _config(tmp_path, _long_csv(tmp_path / "d.csv"))
+    result = runner.invoke(app, ["preprocess", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out" / "preprocess"
+    spec = json.loads((out / "preprocessing.json").read_text())
+    assert spec["series"]["pump"]["n_train"] == 600 - 2 * 96
+    gate = json.loads((out / "stationarity.json").read_text())
+    assert gate["method"] in {"feedback", "bptt"}
+    assert "gate:" in result.output
+
+
+def test_preprocess_unknown_config_key_is_one_line(tmp_path: Path) -> None:
+    config = _config(tmp_path, _long_csv(tmp_path / "d.csv"))
+    config.write_text(config.read_text() + "trian: {}\n")
+    result = runner.invoke(app, ["preprocess", "--config", str(config), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "unknown key 'trian'" in result.output
+    assert "did you mean 'train'" in result.output
+
+
+def test_preprocess_set_override(tmp_path: Path) -> None:
+    config = _config(tmp_path, _long_csv(tmp_path / "d.csv"))
+    result = runner.invoke(
+        app,
+        ["preprocess", "--config", str(config), "--set", "preprocess.scaling=robust"],
+    )
+    assert result.exit_code == 0, result.output
+    spec = json.loads((tmp_path / "out" / "preprocess" / "preprocessing.json").read_text())
+    assert spec["series"]["pump"]["scaling"]["kind"] == "robust"
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "forecaster.cli", "validate", "--data", str(missing)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "missing.csv" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
+    config = tmp_path / "demo.yaml"
+    config.write_text(
+        "name: demo\noutput_dir: out\n"
+        "data:\n  synthetic: {n_series: 2, length: 1008}\n"
+        "  split: {val_size: 96, test_size: 96}\n"
+        "window: {lookback: 48, horizon: 12}\n"
+        "preprocess: {trend: robust, seasonality: stl, periods: [24]}\n"
+    )
+    result = runner.invoke(app, ["demo", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    for name in ("preprocess/preprocessing.json", "preprocess/stationarity.json"):
+        assert (out / name).is_file()
+    assert (out / "model" / "model_window.onnx").is_file()
+    assert (out / "model" / "model_step.onnx").is_file()
+    assert result.output.count("step graph agrees: True") == 2
