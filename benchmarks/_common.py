@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DEFAULT_PACKAGES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "pydantic")
+DEFAULT_PACKAGES = (
+    "numpy",
+    "pandas",
+    "statsmodels",
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "pydantic",
+)
 
 
 def package_versions(packages: tuple[str, ...] = DEFAULT_PACKAGES) -> dict[str, str]:
