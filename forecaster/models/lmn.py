@@ -134,6 +134,18 @@ class LMN(RecurrentForecaster):
         h = self.act(a_t + F.linear(s_prev, self.memory_to_hidden))  # [N, h]
         return self.memory(torch.cat([h, s_prev], dim=-1))  # [N, p] = W^{hm} h + W^{mm} m + b_m
 
+    def state_jacobian_diagonal(self, x: Tensor, s_prev: Tensor) -> Tensor:
+        """Closed-form diagonal of `∂m_t/∂m_{t−1}` (ALGORITHMS.md §3.1, §5.3).
+
+        `W^{mm}[i,i] + Σ_k W^{hm}[i,k] σ'_k W^{mh}[k,i]`: `[..., d], [..., p] -> [..., p]`.
+        """
+        hidden = self.hidden_size
+        h = self.act(self.project_inputs(x) + F.linear(s_prev, self.memory_to_hidden))  # [..., h]
+        slope = 1 - h * h if self.config.activation == "tanh" else h * (1 - h)  # [..., h]
+        encoder = self.memory.weight[:, :hidden]  # [p, h] = W^{hm}
+        coupling = encoder.T * self.memory_to_hidden  # [h, p]: W^{hm}[i,k] W^{mh}[k,i]
+        return torch.diagonal(self.memory.weight[:, hidden:]) + slope @ coupling  # [..., p]
+
     def functional_states(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
         """The functional component's outputs `h_t` of every step: `x [B, T, d] -> [B, T, h]`."""
         m = self.run_states(x, s0)  # [B, T+1, p]

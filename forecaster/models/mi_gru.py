@@ -115,3 +115,23 @@ class MiGRU(RecurrentForecaster):
     def recur(self, a_t: Tensor, s_prev: Tensor) -> Tensor:
         """`[N, 6h], [N, h] -> [N, h]`."""
         return self.cell(a_t, s_prev)
+
+    def state_jacobian_diagonal(self, x: Tensor, s_prev: Tensor) -> Tensor:
+        """Closed-form diagonal of `∂h_t/∂h_{t−1}`, ALGORITHMS.md §5.3.
+
+        `z + (h − n) z(1−z) A_z U_z[i,i] + (1−z)(1−n²) A_n (r(1−r) A_r U_r[i,i] u_n + r U_n[i,i])`
+        with `A = α⊙aˣ + β1` (the gain) and `u = U h + b_h`; about one batched step of work.
+        Shapes: `x [..., d], s_prev [..., h] -> [..., h]`. Checked against `torch.func.jacrev`.
+        """
+        cell, hs = self.cell, self.hidden_size
+        gain, offset_rz, offset_n = torch.split(cell.project(x), cell.input_split, dim=-1)
+        u = F.linear(s_prev, cell.weight_hh, cell.bias_hh)  # [..., 3h] = U h + b_h
+        q_rz, q_n = torch.split(gain * u, cell.gate_split, dim=-1)  # [..., 2h], [..., h]
+        r, z = torch.split(torch.sigmoid(q_rz + offset_rz), cell.unit_split, dim=-1)
+        n = torch.tanh(r * q_n + offset_n)  # [..., h]
+        gain_r, gain_z, gain_n = torch.split(gain, hs, dim=-1)  # [..., h] each
+        u_diag = torch.diagonal(cell.weight_hh.reshape(3, hs, hs), dim1=1, dim2=2)  # [3, h]
+        dz = z * (1 - z) * gain_z * u_diag[1]  # [..., h]: ∂z_i/∂h_i
+        dr = r * (1 - r) * gain_r * u_diag[0]  # [..., h]: ∂r_i/∂h_i
+        dn = (1 - n * n) * gain_n * (dr * u[..., 2 * hs :] + r * u_diag[2])  # ∂n_i/∂h_i
+        return z + (s_prev - n) * dz + (1 - z) * dn  # [..., h]

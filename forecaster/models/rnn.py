@@ -56,6 +56,22 @@ class GRUForecaster(RecurrentForecaster):
         n = torch.tanh(a_t[:, 2 * hs :] + r * a_h[:, 2 * hs :])  # [N, h]
         return n + z * (s_prev - n)  # [N, h]
 
+    def state_jacobian_diagonal(self, x: Tensor, s_prev: Tensor) -> Tensor:
+        """Closed-form diagonal of `∂h_t/∂h_{t−1}`, ALGORITHMS.md §5.3 (MI-GRU's, α = 0, β = 1).
+
+        `z + (h − n) z(1−z) U_z[i,i] + (1−z)(1−n²)(r(1−r) U_r[i,i] u_n + r U_n[i,i])` with
+        `u = U h + b_h`: `x [..., d], s_prev [..., h] -> [..., h]`.
+        """
+        hs = self.hidden_size
+        a_x = self.project_inputs(x)  # [..., 3h]
+        a_h = F.linear(s_prev, self.rnn.weight_hh_l0, self.rnn.bias_hh_l0)  # [..., 3h]
+        rz = torch.sigmoid(a_x[..., : 2 * hs] + a_h[..., : 2 * hs])  # [..., 2h]
+        r, z = rz[..., :hs], rz[..., hs:]  # [..., h] each
+        n = torch.tanh(a_x[..., 2 * hs :] + r * a_h[..., 2 * hs :])  # [..., h]
+        u_diag = torch.diagonal(self.rnn.weight_hh_l0.reshape(3, hs, hs), dim1=1, dim2=2)  # [3, h]
+        dn = (1 - n * n) * (r * (1 - r) * u_diag[0] * a_h[..., 2 * hs :] + r * u_diag[2])
+        return z + (s_prev - n) * z * (1 - z) * u_diag[1] + (1 - z) * dn  # [..., h]
+
     def run_states(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
         """`x [B, T, d] -> [B, T+1, h]` through the fused kernel."""
         self._check_input(x, s0)

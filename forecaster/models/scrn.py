@@ -128,6 +128,19 @@ class SCRN(RecurrentForecaster):
         """`[N, c + h], [N, c + h] -> [N, c + h]`: one step of the block-form SRN."""
         return self._advance(a_t, s_prev, self.recurrent_matrix())
 
+    def state_jacobian_diagonal(self, x: Tensor, s_prev: Tensor) -> Tensor:
+        """Closed-form diagonal of `∂[s; h]_t/∂[s; h]_{t−1}` (ALGORITHMS.md §2.2, §5.3).
+
+        Context block exactly `α`; hidden block `σ'(q_h) ⊙ diag(R)`:
+        `[..., d], [..., c + h] -> [..., c + h]`.
+        """
+        c = self.context_size
+        q = self.project_inputs(x) + F.linear(s_prev, self.recurrent_matrix())  # [..., c + h]
+        h = self.act(q[..., c:])  # [..., h]
+        slope = h * (1 - h) if self.config.activation == "sigmoid" else 1 - h * h  # [..., h]
+        r_diag = torch.diagonal(self.recurrent_weight[:, c:])  # [h]: R[i, i]
+        return torch.cat([torch.full_like(s_prev[..., :c], self.alpha), slope * r_diag], dim=-1)
+
     def _advance(self, a_t: Tensor, s_prev: Tensor, matrix: Tensor) -> Tensor:
         q = a_t + F.linear(s_prev, matrix)  # [N, c + h] = [s_t; pre-activation of h_t]
         c = self.context_size

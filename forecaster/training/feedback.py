@@ -1,0 +1,705 @@
+"""Fixed-feedback gradients: reverse scans, the batched gradient step and the estimate of `d`.
+
+Caillon, Fagnou, Allauzen 2025 (arXiv 2503.23104), Diagonal State Feedbacks. Implements
+ALGORITHMS.md §5.2 (per-step loss: no-grad forward, batched cell re-evaluation on detached
+previous states, head gradients, reverse linear scan `δ_t = g_t + d ⊙ δ_{t+1}`, one backward) and
+§5.3 (choosing `d`: `constant`, `ssm_grid`, `jacobian_mean` from the exact Jacobian diagonal).
+Pinned by oracles O9 (T = 1 equals BPTT), O10 (exact when the cell's Jacobian is the fixed
+diagonal), O11 (`d = 0` equals fully truncated BPTT), O12 (the scans agree), O13 (the fast
+forward and the blocked re-evaluation match the model) and O14 (gradient quality). Gradients
+only: the trainer zeroes, clips and steps."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor, nn
+
+from forecaster.errors import ModelError
+from forecaster.losses import to_loss_dtype
+from forecaster.models.base import RecurrentForecaster
+
+if TYPE_CHECKING:
+    from forecaster.config import FeedbackConfig
+
+__all__ = [
+    "ChunkLocal",
+    "FeedbackEstimate",
+    "JacobianMethod",
+    "LossFn",
+    "ScanMethod",
+    "batched_cell_backward",
+    "estimate_feedback",
+    "feedback_gradients",
+    "jacobian_diagonal",
+    "reverse_scan",
+    "states_no_grad",
+]
+
+logger = logging.getLogger(__name__)
+
+ScanMethod = Literal["loop", "chunked", "associative", "fft"]
+ChunkLocal = Literal["auto", "toeplitz", "recurrence"]
+JacobianMethod = Literal["auto", "closed_form", "exact", "hutchinson"]
+LossFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (pred, target, mask) -> scalar
+
+SCAN_METHODS: tuple[str, ...] = ("loop", "chunked", "associative", "fft")
+# Above this state width the exact Jacobian (S vector-Jacobian products per row) costs more than
+# it is worth; Hutchinson probes take over (ALGORITHMS.md §5.3).
+EXACT_JACOBIAN_MAX_STATE = 256
+# Rows per vmap(jacrev) call: bounds the [rows, S, S] Jacobian block in memory (~4M elements).
+_JACOBIAN_BLOCK_ELEMENTS = 1 << 22
+# Working set of one CPU block of the batched re-evaluation (~4 MiB: stays in a core's cache).
+_CPU_BLOCK_BYTES = 1 << 22
+
+
+# ---- reverse scans (ALGORITHMS.md §5.2, oracle O12) --------------------------------------------
+
+
+def _scan_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 at least: half-precision gradients (AMP) are scanned in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _powers(d: Tensor, n: int) -> Tensor:
+    """`d^0 .. d^n` by repeated products (never a negative power): `[S] -> [n + 1, S]`."""
+    ones = torch.ones_like(d).unsqueeze(0)  # [1, S]
+    if n == 0:
+        return ones
+    return torch.cat([ones, d.unsqueeze(0).expand(n, -1)]).cumprod(0)  # [n + 1, S]
+
+
+def _scan_loop(g: Tensor, d: Tensor, varying: bool) -> Tensor:
+    steps = g.shape[-2]
+    out = torch.empty_like(g)  # [..., T, S]
+    acc = g[..., steps - 1, :]
+    out[..., steps - 1, :] = acc
+    for t in range(steps - 2, -1, -1):
+        acc = torch.addcmul(g[..., t, :], d[..., t, :] if varying else d, acc)  # [..., S]
+        out[..., t, :] = acc
+    return out
+
+
+def _carry_chunks(first: Tensor, transfer: Tensor) -> Tensor:
+    """True `δ` at the start of chunk `c + 1`, for every chunk `c`: `[n, L, S]`.
+
+    `first[c]` is the chunk-local `δ` at the start of chunk `c`; `transfer` (`[S]`, or `[n, L, S]`
+    for a time-varying `d`) maps the `δ` after a chunk to its start.
+    """
+    chunks = first.shape[0]
+    carry = torch.zeros_like(first)  # [n, L, S]; the last chunk has nothing after it
+    acc = torch.zeros_like(first[0])  # [L, S]
+    varying = transfer.dim() > 1
+    for c in range(chunks - 2, -1, -1):
+        factor = transfer[c + 1] if varying else transfer
+        acc = torch.addcmul(first[c + 1], factor, acc)  # δ at the start of chunk c + 1
+        carry[c] = acc
+    return carry
+
+
+def _time_major(t: Tensor, pad: int) -> Tensor:
+    """`[..., T, S] -> [T + pad, L, S]` (zero rows appended); a view when `t` is time-major."""
+    steps, width = t.shape[-2], t.shape[-1]
+    out = t.movedim(-2, 0).reshape(steps, -1, width)  # [T, L, S]
+    if pad:
+        out = torch.cat([out, out.new_zeros(pad, *out.shape[1:])])
+    return out
+
+
+def _scan_chunked(g: Tensor, d: Tensor, varying: bool, chunk: int, local: str) -> Tensor:
+    # Works time-major, [n, C, L, S]: every per-step slice is contiguous (free when G is stored
+    # time-major, as the scripted forward leaves it). Zero-padding after T is exact: the padded
+    # steps carry δ = 0 back to step T − 1.
+    steps, width = g.shape[-2], g.shape[-1]
+    size = min(chunk, steps)
+    chunks = -(-steps // size)
+    pad = chunks * size - steps
+    gc = _time_major(g, pad).reshape(chunks, size, -1, width)  # [n, C, L, S]
+    toeplitz = local == "toeplitz" or (local == "auto" and g.device.type != "cpu")
+    if varying:
+        dc = _time_major(d, pad).reshape(chunks, size, -1, width)  # [n, C, L, S]
+        local_delta = torch.empty_like(gc)  # chunk-local δ
+        gain = torch.empty_like(gc)  # Π_{k=i}^{C−1} d_k: maps δ after the chunk to position i
+        acc, prod = gc[:, size - 1], dc[:, size - 1]
+        local_delta[:, size - 1], gain[:, size - 1] = acc, prod
+        for i in range(size - 2, -1, -1):  # all chunks at once: C sequential steps
+            acc = torch.addcmul(gc[:, i], dc[:, i], acc)
+            prod = dc[:, i] * prod
+            local_delta[:, i], gain[:, i] = acc, prod
+        carry = _carry_chunks(local_delta[:, 0], gain[:, 0])  # [n, L, S]
+        delta = torch.addcmul(local_delta, gain, carry.unsqueeze(1))
+    else:
+        powers = _powers(d, size)  # [C + 1, S]: d^0 .. d^C
+        if toeplitz:
+            # Closed form inside each chunk: δ^loc_i = Σ_{j ≥ i} d^{j−i} g_j, one batched matmul
+            # with units leading, [S, C(i), C(j)] @ [S, C(j), n·L].
+            index = torch.arange(size, device=g.device)
+            lag = index.unsqueeze(0) - index.unsqueeze(1)  # [C, C]: lag[i, j] = j − i
+            kernel = powers[lag.clamp_min(0)] * (lag >= 0).unsqueeze(-1).to(g.dtype)  # [C, C, S]
+            g_units = gc.permute(3, 1, 0, 2).reshape(width, size, -1)  # [S, C, n·L]
+            local_delta = torch.bmm(kernel.permute(2, 0, 1), g_units)  # [S, C, n·L]
+            local_delta = local_delta.reshape(width, size, chunks, -1).permute(2, 1, 3, 0)
+        else:
+            # The same chunk-local δ by a C-step recurrence over all chunks at once: O(1) work
+            # per element instead of O(C), and measured 3x faster on CPU.
+            local_delta = torch.empty_like(gc)  # [n, C, L, S]
+            acc = gc[:, size - 1]
+            local_delta[:, size - 1] = acc
+            for i in range(size - 2, -1, -1):
+                acc = torch.addcmul(gc[:, i], d, acc)
+                local_delta[:, i] = acc
+        carry = _carry_chunks(local_delta[:, 0], powers[size])  # [n, L, S]
+        # δ_t = δ^loc_t + d^{e+1−t} δ_{e+1}, e + 1 − t = C − i for position i in its chunk.
+        delta = torch.addcmul(local_delta, powers.flip(0)[:size].unsqueeze(1), carry.unsqueeze(1))
+    delta = delta.reshape(chunks * size, -1, width)[:steps]  # [T, L, S]
+    return delta.reshape(steps, *g.shape[:-2], width).movedim(0, -2)  # [..., T, S]
+
+
+def _scan_associative(g: Tensor, d: Tensor, varying: bool) -> Tensor:
+    # Reverse-time Hillis–Steele scan of (a, b) ∘ (a', b') = (a a', a b' + b): log2 T sweeps.
+    steps = g.shape[-2]
+    b, a = g, d
+    offset = 1
+    while offset < steps:
+        keep = steps - offset
+        head = a[..., :keep, :] if varying else a
+        combined = torch.addcmul(b[..., :keep, :], head, b[..., offset:, :])  # [..., T−k, S]
+        b = torch.cat([combined, b[..., keep:, :]], dim=-2)
+        if varying:
+            a = torch.cat([a[..., :keep, :] * a[..., offset:, :], a[..., keep:, :]], -2)
+        else:
+            a = a * a  # d^{2·offset}: only ever used where the full product exists
+        offset *= 2
+    return b
+
+
+def _scan_fft(g: Tensor, d: Tensor) -> Tensor:
+    # δ reversed = (g reversed) * (1, d, d², …): a causal convolution, padded to 2T (no wrap).
+    steps = g.shape[-2]
+    kernel = _powers(d, steps - 1)  # [T, S]
+    spectrum = torch.fft.rfft(g.flip(-2), n=2 * steps, dim=-2)  # [..., T + 1, S]
+    spectrum = spectrum * torch.fft.rfft(kernel, n=2 * steps, dim=0)
+    out = torch.fft.irfft(spectrum, n=2 * steps, dim=-2)[..., :steps, :]  # [..., T, S]
+    return out.flip(-2)
+
+
+def reverse_scan(
+    G: Tensor,
+    d: Tensor,
+    method: ScanMethod = "chunked",
+    chunk: int = 64,
+    *,
+    local: ChunkLocal = "auto",
+) -> Tensor:
+    """The reverse linear recursion `δ_t = g_t + d ⊙ δ_{t+1}`, `δ_{T−1} = g_{T−1}` (§5.2).
+
+    Every method uses non-negative powers of `d` only (never `d^{−t}`) and they agree to
+    rounding (oracle O12). Half-precision input is scanned in float32 and cast back.
+
+    Args:
+        G: direct gradients `g_t = ∂L/∂s_t`, `[B, T, S]` (any leading shape, time at dim −2).
+        d: the fixed feedback `[S]`, or a time-varying one of G's shape where `d[..., t, :]`
+            multiplies `δ_{t+1}` (the diagonal of `∂s_{t+1}/∂s_t`; `d[..., T−1, :]` is unused).
+        method: `loop` (T sequential element-wise steps; the reference), `chunked` (chunk-local
+            scans, a pass over the T / C chunk boundaries, one fix-up), `associative` (log2 T
+            sweeps of a Hillis–Steele scan), `fft` (the paper's convolution route; constant `d`).
+        chunk: chunk length `C` of `chunked`.
+        local: how `chunked` scans inside a chunk for a constant `d`: `toeplitz` (the closed
+            form, kernel `d_u^{j−i}` applied as one batched matmul: parallel, for GPUs),
+            `recurrence` (C sequential steps over all chunks at once: least work, for CPUs), or
+            `auto` (toeplitz off the CPU). A time-varying `d` always uses the recurrence.
+
+    Returns:
+        `δ`, G's shape and dtype.
+
+    Raises:
+        ModelError: unknown method, a `d` of the wrong shape, `fft` with a time-varying `d`,
+            `chunk < 1`.
+    """
+    if method not in SCAN_METHODS:
+        raise ModelError(f"scan: {method!r} is not one of {list(SCAN_METHODS)}", field="scan")
+    if G.dim() < 2 or G.shape[-2] < 1:
+        raise ModelError(f"G: shape {tuple(G.shape)} is not [..., T, S] with T >= 1", field="G")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ModelError(f"chunk: {chunk!r} is not a positive integer", field="chunk")
+    varying = d.dim() > 1
+    if (varying and d.shape != G.shape) or (not varying and d.shape != G.shape[-1:]):
+        raise ModelError(
+            f"d: shape {tuple(d.shape)} is neither [S] = {tuple(G.shape[-1:])} nor G's "
+            f"{tuple(G.shape)}",
+            field="d",
+        )
+    if varying and method == "fft":
+        raise ModelError(
+            "scan: 'fft' needs a constant d [S] (a time-varying d is not a convolution); "
+            "use 'associative', 'chunked' or 'loop'",
+            field="scan",
+        )
+    if local not in ("auto", "toeplitz", "recurrence"):
+        raise ModelError(
+            f"local: {local!r} is not one of ['auto', 'toeplitz', 'recurrence']", field="local"
+        )
+    dtype = _scan_dtype(G.dtype)
+    g = G.to(dtype)
+    dd = d.to(device=G.device, dtype=dtype)
+    if method == "loop":
+        out = _scan_loop(g, dd, varying)
+    elif method == "chunked":
+        out = _scan_chunked(g, dd, varying, chunk, local)
+    elif method == "associative":
+        out = _scan_associative(g, dd, varying)
+    else:
+        out = _scan_fft(g, dd)
+    return out.to(G.dtype)
+
+
+# ---- the Jacobian diagonal and the estimate of d (ALGORITHMS.md §5.3) --------------------------
+
+
+def _require_feedback(model: RecurrentForecaster) -> None:
+    if not model.supports_feedback:
+        raise ModelError(
+            f"model {model.name!r} does not support fixed-feedback training: a diagonal feedback "
+            "on its carried state cannot move gradient into the memory it depends on "
+            "(ALGORITHMS.md §5.2); train it with method 'bptt' or 'tbptt'",
+            field="method",
+        )
+
+
+def _check_states(model: RecurrentForecaster, x: Tensor, s_prev: Tensor) -> None:
+    if x.dim() < 1 or x.shape[-1] != model.input_size:
+        raise ModelError(
+            f"x: shape {tuple(x.shape)} is not [..., d] with d = {model.input_size}", field="x"
+        )
+    if s_prev.shape != (*x.shape[:-1], model.state_size):
+        raise ModelError(
+            f"s_prev: shape {tuple(s_prev.shape)} is not [..., S] = "
+            f"{(*x.shape[:-1], model.state_size)}",
+            field="s_prev",
+        )
+
+
+def _exact_diagonal(model: RecurrentForecaster, x: Tensor, s_prev: Tensor) -> Tensor:
+    width = model.state_size
+    a = model.project_inputs(x)  # [..., P]
+    a = a.reshape(-1, a.shape[-1])  # [N, P]
+    s = s_prev.reshape(-1, width)  # [N, S]
+
+    def one_step(a_i: Tensor, s_i: Tensor) -> Tensor:
+        return model.recur(a_i.unsqueeze(0), s_i.unsqueeze(0)).squeeze(0)  # [S]
+
+    jacobian = torch.func.vmap(torch.func.jacrev(one_step, argnums=1))
+    rows = max(1, _JACOBIAN_BLOCK_ELEMENTS // (width * width))
+    blocks = [
+        torch.diagonal(jacobian(a[i : i + rows], s[i : i + rows]), dim1=-2, dim2=-1)  # [n, S]
+        for i in range(0, s.shape[0], rows)
+    ]
+    return torch.cat(blocks).reshape(s_prev.shape)
+
+
+def _hutchinson_diagonal(
+    model: RecurrentForecaster,
+    x: Tensor,
+    s_prev: Tensor,
+    probes: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    # diag(J) = E_v[v ⊙ Jᵀv] for Rademacher v; one vector–Jacobian product per probe.
+    with torch.enable_grad():
+        s = s_prev.detach().clone().requires_grad_(True)  # [..., S]
+        a = model.project_inputs(x).detach()  # [..., P]
+        out = model.recur(a.reshape(-1, a.shape[-1]), s.reshape(-1, model.state_size))  # [N, S]
+        out = out.reshape(s.shape)  # [..., S]
+        total = torch.zeros_like(s_prev)
+        for k in range(probes):
+            bits = torch.randint(0, 2, s.shape, generator=generator, device=s.device)
+            v = (2 * bits - 1).to(s.dtype)  # [..., S] Rademacher
+            (vjp,) = torch.autograd.grad(out, s, v, retain_graph=k < probes - 1)
+            total += v * vjp
+    return total / probes
+
+
+def jacobian_diagonal(
+    model: RecurrentForecaster,
+    x: Tensor,
+    s_prev: Tensor,
+    *,
+    method: JacobianMethod = "auto",
+    probes: int = 8,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Diagonal of the state Jacobian `∂s_t/∂s_{t−1}` at every step (ALGORITHMS.md §5.3).
+
+    Args:
+        model: the forecaster.
+        x: inputs `[..., d]` (e.g. `[B, T, d]`).
+        s_prev: the state before each step `[..., S]` (e.g. `run_states(x)[:, :-1]`).
+        method: `closed_form` (the model's `state_jacobian_diagonal`), `exact`
+            (`torch.func.vmap(jacrev(recur))`), `hutchinson` (`mean_v v ⊙ Jᵀv`, Rademacher
+            probes: unbiased, noisy per step), or `auto`: closed form when the model has one,
+            else exact for `S ≤ 256`, else Hutchinson.
+        probes: Hutchinson probes.
+        generator: random source of the Hutchinson probes.
+
+    Returns:
+        `[..., S]`, detached.
+    """
+    _check_states(model, x, s_prev)
+    closed_form = getattr(model, "state_jacobian_diagonal", None)
+    if method == "auto":
+        if closed_form is not None:
+            method = "closed_form"
+        elif model.state_size <= EXACT_JACOBIAN_MAX_STATE:
+            method = "exact"
+        else:
+            method = "hutchinson"
+    if method == "closed_form":
+        if closed_form is None:
+            raise ModelError(
+                f"model {model.name!r} has no closed-form state_jacobian_diagonal; use method "
+                "'auto', 'exact' or 'hutchinson'",
+                field="method",
+            )
+        with torch.no_grad():
+            return closed_form(x, s_prev)
+    if method == "exact":
+        with torch.no_grad():
+            return _exact_diagonal(model, x, s_prev.detach())
+    if method == "hutchinson":
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ModelError(f"probes: {probes!r} is not a positive integer", field="probes")
+        return _hutchinson_diagonal(model, x, s_prev, probes, generator).detach()
+    raise ModelError(
+        f"method: {method!r} is not one of ['auto', 'closed_form', 'exact', 'hutchinson']",
+        field="method",
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class FeedbackEstimate:
+    """A fixed feedback `d` and how it was obtained (ALGORITHMS.md §5.3, §5.5 check 2).
+
+    Attributes:
+        d: the feedback `[S]`, clipped to `[−ρ_max, ρ_max]`, on the model's device and dtype.
+        spectral_radius: `max_u |d_u|` after the clip (< 1: the backward system is stable).
+        unclipped_spectral_radius: `max_u |d_u|` before the clip (> 1: expanding dynamics, BPTT
+            gradients would explode too).
+        kind: `constant`, `ssm_grid` or `jacobian_mean`.
+        seconds: wall time of the estimate.
+    """
+
+    d: Tensor
+    spectral_radius: float
+    unclipped_spectral_radius: float
+    kind: str
+    seconds: float
+
+
+def _batch_inputs(batch: object) -> Tensor:
+    """`x` from a batch given as a tensor or as a tuple/list whose first item is `x`."""
+    x = batch[0] if isinstance(batch, tuple | list) else batch
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ModelError(f"batches: an item {shape} is not an input tensor [B, T, d]", field="x")
+    return x
+
+
+def estimate_feedback(
+    model: RecurrentForecaster,
+    batches: Iterable[Tensor | Sequence[Tensor]],
+    config: FeedbackConfig,
+) -> FeedbackEstimate:
+    """The fixed feedback `d [S]` of `config.kind` at the model's current parameters (§5.3).
+
+    - `constant`: `d_u = config.value` for every unit.
+    - `ssm_grid`: `d_u = exp(−1/τ_u)`, `τ_u` log-spaced in `[1, T]` (T from the first batch).
+    - `jacobian_mean`: the mean over batch and time of the exact Jacobian diagonal at the states
+      visited on the first `config.estimate_batches` batches (`jacobian_diagonal`, method auto).
+
+    Then `d` is clipped to `[−rho_max, rho_max]`.
+
+    Args:
+        model: the forecaster (must support feedback).
+        batches: input windows `x [B, T, d]` (or `(x, ...)` tuples); moved to the model's device
+            and dtype.
+        config: `train.feedback`.
+
+    Raises:
+        ModelError: the model does not support feedback, or `batches` is empty where needed.
+    """
+    _require_feedback(model)
+    start = time.perf_counter()
+    reference = model.head.weight
+    width = model.state_size
+    if config.kind == "constant":
+        raw = torch.full((width,), float(config.value), dtype=torch.float64)
+    else:
+        raw = None
+        total = torch.zeros(width, dtype=torch.float64, device=reference.device)
+        count = 0
+        for index, batch in enumerate(batches):
+            if config.kind == "jacobian_mean" and index >= config.estimate_batches:
+                break
+            x = _batch_inputs(batch).to(device=reference.device, dtype=reference.dtype)
+            if config.kind == "ssm_grid":
+                steps = x.shape[1]
+                tau = torch.logspace(0.0, math.log10(max(steps, 1)), width, dtype=torch.float64)
+                raw = torch.exp(-1.0 / tau)  # [S]
+                break
+            with torch.no_grad():
+                s_prev = states_no_grad(model, x)[:, :-1]  # [B, T, S]
+            diagonal = jacobian_diagonal(model, x, s_prev)  # [B, T, S]
+            total += diagonal.to(torch.float64).sum(dim=(0, 1))
+            count += diagonal.shape[0] * diagonal.shape[1]
+        if raw is None:
+            if count == 0:
+                raise ModelError(
+                    f"batches: no input window to estimate the {config.kind!r} feedback from",
+                    field="batches",
+                )
+            raw = total / count
+    raw = raw.cpu()
+    unclipped = float(raw.abs().max())
+    d = raw.clamp(-config.rho_max, config.rho_max)
+    return FeedbackEstimate(
+        d=d.to(device=reference.device, dtype=reference.dtype),
+        spectral_radius=float(d.abs().max()),
+        unclipped_spectral_radius=unclipped,
+        kind=config.kind,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ---- the gradient step (ALGORITHMS.md §5.2) -----------------------------------------------------
+
+
+class _StatesLoop(nn.Module):
+    """The no-grad forward as one scripted loop: `x [B, T, d], s0 [B, S] -> [B, T+1, S]`.
+
+    Walks a time-major copy of the (narrow) input and projects it `block` steps at a time: on
+    CPU this measured faster than one projection of the whole window (whose `[T, B, P]` result
+    goes to memory and back) and than per-step projections (more ops per step). The states are
+    stored time-major; the result is a `[B, T+1, S]` view of them.
+    """
+
+    def __init__(self, model: RecurrentForecaster, block: int = 32) -> None:
+        super().__init__()
+        self.model = model
+        self.state_size = model.state_size
+        self.block = block
+
+    def forward(self, x: Tensor, s0: Tensor) -> Tensor:
+        xt = x.transpose(0, 1).contiguous()  # [T, B, d]
+        steps = xt.size(0)
+        out = torch.empty(steps + 1, x.size(0), self.state_size, dtype=x.dtype, device=x.device)
+        out[0] = s0
+        s = s0
+        for start in range(0, steps, self.block):
+            a = self.model.project_inputs(xt[start : start + self.block])  # [L, B, P]
+            for t in range(a.size(0)):
+                s = self.model.recur(a[t], s)  # [B, S]
+                out[start + t + 1] = s
+        return out.transpose(0, 1)  # [B, T+1, S]
+
+
+# Scripted loops of the last few models. A script module holds its Python module strongly, so a
+# weak-keyed cache would never release its keys; a small bounded cache keeps at most this many
+# models alive instead.
+_SCRIPTED: OrderedDict[int, tuple[RecurrentForecaster, tuple[object, ...], object]] = OrderedDict()
+_SCRIPTED_MAX = 4
+_SCRIPT_FAILED: set[type] = set()
+
+
+def _parameter_signature(model: RecurrentForecaster) -> tuple[object, ...]:
+    # A scripted copy shares the model's tensors; re-script when any was replaced (e.g. `.to()`).
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+def _scripted_loop(model: RecurrentForecaster) -> Callable[[Tensor, Tensor], Tensor] | None:
+    if type(model) in _SCRIPT_FAILED:
+        return None
+    signature = _parameter_signature(model)
+    cached = _SCRIPTED.get(id(model))
+    if cached is not None and cached[0] is model and cached[1] == signature:
+        _SCRIPTED.move_to_end(id(model))
+        return cached[2]  # type: ignore[return-value]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in torch 2.13
+            scripted = torch.jit.script(_StatesLoop(model))
+    except Exception:  # any scripting failure: the eager loop gives the same states, slower
+        _SCRIPT_FAILED.add(type(model))
+        logger.warning(
+            "model %r: the states loop cannot be scripted; using the eager loop",
+            model.name,
+            exc_info=True,
+        )
+        return None
+    _SCRIPTED[id(model)] = (model, signature, scripted)
+    _SCRIPTED.move_to_end(id(model))
+    while len(_SCRIPTED) > _SCRIPTED_MAX:
+        _SCRIPTED.popitem(last=False)
+    return scripted  # type: ignore[return-value]
+
+
+def _check_window(model: RecurrentForecaster, x: Tensor, s0: Tensor | None) -> None:
+    if x.dim() != 3 or x.shape[-1] != model.input_size or x.shape[1] < 1:
+        raise ModelError(
+            f"x: shape {tuple(x.shape)} is not [B, T, d] with T >= 1 and d = {model.input_size}",
+            field="x",
+        )
+    if s0 is not None and s0.shape != (x.shape[0], model.state_size):
+        raise ModelError(
+            f"s0: shape {tuple(s0.shape)} is not [B, S] = {(x.shape[0], model.state_size)}",
+            field="s0",
+        )
+
+
+def states_no_grad(model: RecurrentForecaster, x: Tensor, s0: Tensor | None = None) -> Tensor:
+    """All carried states without autograd, step (a) of §5.2: `x [B, T, d] -> [B, T+1, S]`.
+
+    A model that overrides `run_states` (the GRU's fused kernel, SCRN's prebuilt matrix) runs its
+    own; otherwise the base loop runs as one scripted loop (`_StatesLoop`, ~2x faster than the
+    eager loop for the MI-GRU on CPU), falling back to `run_states` when scripting fails or under
+    autocast. Same states either way (oracle O13); the result may be a time-major view.
+    """
+    _check_window(model, x, s0)
+    with torch.no_grad():
+        if type(model).run_states is not RecurrentForecaster.run_states or (
+            torch.is_autocast_enabled(x.device.type)
+        ):
+            return model.run_states(x, s0)
+        loop = _scripted_loop(model)
+        if loop is None:
+            return model.run_states(x, s0)
+        s = model.initial_state(x.size(0), x.device, x.dtype) if s0 is None else s0
+        return loop(x, s)
+
+
+def _default_block_rows(model: RecurrentForecaster, x: Tensor) -> int:
+    if x.device.type != "cpu":
+        return x.shape[0] * x.shape[1]  # one call: the GPU wants the big batched matmuls
+    with torch.no_grad():
+        width = model.project_inputs(x[:1, :1]).shape[-1] + 4 * model.state_size
+    return max(256, _CPU_BLOCK_BYTES // (width * x.element_size()))
+
+
+def batched_cell_backward(
+    model: RecurrentForecaster,
+    x: Tensor,
+    s_prev: Tensor,
+    delta: Tensor,
+    *,
+    block_rows: int | None = None,
+) -> None:
+    """Steps (b) and (d) of §5.2: re-evaluate every step on the given previous states with
+    autograd and back-propagate `δ`, i.e. accumulate `Σ_t (∂f(x_t, s_{t−1}; θ)/∂θ)ᵀ δ_t` into
+    the cell parameters' `.grad`.
+
+    The re-evaluation is `recur(project_inputs(x), s_prev)` on `[rows, ·]` (what
+    `recompute_states` does in one call; oracle O13). On CPU the rows go in blocks of whole time
+    steps sized to stay in cache: the batched element-wise passes are memory-bound, and blocks
+    of ~1–2k rows measured 2–3x faster than one `[B·T, ·]` call (MI-GRU, h = 64 and 256).
+
+    Args:
+        model: the forecaster.
+        x: inputs `[B, T, d]`.
+        s_prev: the state before each step `[B, T, S]` (no gradient flows into it).
+        delta: `δ_t = dL/ds_t` `[B, T, S]` (from `reverse_scan`).
+        block_rows: rows per block (rounded to whole steps); None: cache-sized on CPU, all
+            rows on other devices.
+    """
+    _check_window(model, x, None)
+    batch, steps = x.shape[0], x.shape[1]
+    width = model.state_size
+    for name, value in (("s_prev", s_prev), ("delta", delta)):
+        if value.shape != (batch, steps, width):
+            raise ModelError(
+                f"{name}: shape {tuple(value.shape)} is not [B, T, S] = {(batch, steps, width)}",
+                field=name,
+            )
+    if block_rows is not None and (
+        isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1
+    ):
+        raise ModelError(
+            f"block_rows: {block_rows!r} is not a positive integer", field="block_rows"
+        )
+    rows = _default_block_rows(model, x) if block_rows is None else block_rows
+    block = max(1, min(steps, rows // batch))  # time steps per block
+    x_tm = x.transpose(0, 1)  # [T, B, d]: time blocks are contiguous slices of time-major data
+    s_tm = s_prev.detach().transpose(0, 1)  # [T, B, S]
+    d_tm = delta.transpose(0, 1)  # [T, B, S]
+    for start in range(0, steps, block):
+        stop = min(start + block, steps)
+        a = model.project_inputs(x_tm[start:stop].reshape(-1, x.shape[-1]))  # [rows, P]
+        s_hat = model.recur(a, s_tm[start:stop].reshape(-1, width))  # [rows, S]
+        s_hat.backward(d_tm[start:stop].reshape(-1, width).to(s_hat.dtype))
+
+
+def feedback_gradients(
+    model: RecurrentForecaster,
+    x: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    loss_fn: LossFn,
+    d: Tensor,
+    *,
+    s0: Tensor | None = None,
+    scan: ScanMethod = "chunked",
+    block_rows: int | None = None,
+) -> Tensor:
+    """Fixed-feedback gradients of one batch into the parameters' `.grad` (ALGORITHMS.md §5.2).
+
+    (a) no-grad forward storing the states (`states_no_grad`); (c1) head on the stored states
+    as detached leaves, `loss.backward()` → head gradients and the direct gradients `G`;
+    (c2) `δ = reverse_scan(G, d)`; (b)+(d) `batched_cell_backward`: the batched cell
+    re-evaluation on the detached previous states, back-propagated with `δ`. The head reads the
+    stored states rather than the re-evaluated ones (equal up to rounding, oracle O13), so the
+    batched call's tape never coexists with the head's and can be processed in blocks.
+    Gradients accumulate into `.grad` like `loss.backward()`; the caller zeroes, clips and steps.
+
+    Args:
+        model: a forecaster with `supports_feedback`.
+        x: inputs `[B, T, d]`.
+        target: forking-sequence targets `[B, T, H]`.
+        mask: validity `[B, T, H]` or None.
+        loss_fn: `(pred, target, mask) -> scalar`, e.g. `ForecastLoss` (float32 at least).
+        d: the fixed feedback `[S]` (or time-varying `[B, T, S]`, see `reverse_scan`).
+        s0: initial state `[B, S]` (zeros when None); no gradient flows into it.
+        scan: the `reverse_scan` method.
+        block_rows: rows per block of the batched re-evaluation (see `batched_cell_backward`).
+
+    Returns:
+        The loss, detached.
+
+    Raises:
+        ModelError: the model does not support feedback, or `d` has the wrong shape.
+    """
+    _require_feedback(model)
+    _check_window(model, x, s0)
+    expected = (model.state_size,), (x.shape[0], x.shape[1], model.state_size)
+    if d.shape not in expected:  # refuse before any gradient is accumulated
+        raise ModelError(
+            f"d: shape {tuple(d.shape)} is neither [S] = {expected[0]} nor [B, T, S] = "
+            f"{expected[1]}",
+            field="d",
+        )
+    states = states_no_grad(model, x, s0)  # [B, T+1, S]
+    s_leaf = states[:, 1:].detach().requires_grad_(True)  # [B, T, S]
+    loss = loss_fn(to_loss_dtype(model.readout(s_leaf)), target, mask)
+    loss.backward()
+    direct = s_leaf.grad if s_leaf.grad is not None else torch.zeros_like(s_leaf)  # G [B, T, S]
+    del s_leaf
+    delta = reverse_scan(direct, d, method=scan)  # [B, T, S]
+    del direct
+    batched_cell_backward(model, x, states[:, :-1], delta, block_rows=block_rows)
+    return loss.detach()

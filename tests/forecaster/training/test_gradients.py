@@ -1,0 +1,241 @@
+"""The gradient entry point: BPTT, truncated BPTT and the dispatch to fixed feedback."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from forecaster.config import FeedbackConfig
+from forecaster.errors import ModelError
+from forecaster.losses import ForecastLoss
+from forecaster.models.base import RecurrentForecaster
+from forecaster.models.registry import build
+from forecaster.training.feedback import estimate_feedback, feedback_gradients
+from forecaster.training.gradients import bptt_gradients, compute_gradients, tbptt_gradients
+
+B, T, D, HID, HORIZON = 3, 7, 4, 5, 2
+F64 = torch.float64
+MODELS = [
+    ("mi_gru", {"mi_init": "mi"}),
+    ("gru", {}),
+    ("lmn", {"memory_size": 6}),
+    ("scrn", {"context_size": 3}),
+    ("lstm", {}),
+]
+MODEL_IDS = [name for name, _ in MODELS]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads and a busy shared CPU makes OpenMP teams wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(name: str, params: dict[str, object], seed: int = 0) -> RecurrentForecaster:
+    torch.manual_seed(seed)
+    return build(name, D, HID, HORIZON, **params).to(F64)
+
+
+def _data(steps: int = T, seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, steps, D, generator=generator, dtype=F64)
+    target = torch.randn(B, steps, HORIZON, generator=generator, dtype=F64)
+    mask = torch.rand(B, steps, HORIZON, generator=generator) > 0.2
+    return x, target, mask
+
+
+def _grads(model: nn.Module) -> dict[str, Tensor]:
+    return {
+        name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for name, p in model.named_parameters()
+    }
+
+
+def _max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+LOSS = ForecastLoss(eta=1.0, gamma=0.5, burn_in=1)
+
+
+def _run(method: str, model: RecurrentForecaster, x: Tensor, y: Tensor, m: Tensor, **kw: object):
+    model.zero_grad(set_to_none=True)
+    loss = compute_gradients(method, model, x, y, m, LOSS, **kw)  # type: ignore[arg-type]
+    return loss, _grads(model)
+
+
+def _segment_reference(model: RecurrentForecaster, x: Tensor, y: Tensor, m: Tensor, length: int):
+    """Autograd over the whole window with the state detached at every segment boundary."""
+    model.zero_grad(set_to_none=True)
+    s = model.initial_state(x.shape[0])
+    pieces = []
+    for start in range(0, x.shape[1], length):
+        states = model.run_states(x[:, start : start + length], s.detach())  # [B, L+1, S]
+        pieces.append(states[:, 1:])
+        s = states[:, -1]
+    loss = LOSS(model.readout(torch.cat(pieces, dim=1)), y, m)
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+@pytest.mark.parametrize(("name", "params"), MODELS, ids=MODEL_IDS)
+def test_bptt_loss_is_the_full_window_loss(name: str, params: dict[str, object]) -> None:
+    model = _model(name, params)
+    x, y, m = _data()
+    s0 = torch.randn(B, model.state_size, dtype=F64)
+    loss, grads = _run("bptt", model, x, y, m, s0=s0)
+    with torch.no_grad():
+        expected = LOSS(model(x, s0), y, m)
+    assert abs(loss.item() - expected.item()) <= 1e-14
+    assert not loss.requires_grad
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert grads["head.weight"].abs().max().item() > 0
+
+
+@pytest.mark.parametrize("truncation", [T, T + 5])
+@pytest.mark.parametrize(("name", "params"), MODELS, ids=MODEL_IDS)
+def test_tbptt_with_truncation_at_least_t_equals_bptt(
+    name: str, params: dict[str, object], truncation: int
+) -> None:
+    model = _model(name, params)
+    x, y, m = _data()
+    loss_t, grads_t = _run("tbptt", model, x, y, m, truncation=truncation)
+    loss_b, grads_b = _run("bptt", model, x, y, m)
+    assert abs(loss_t.item() - loss_b.item()) <= 1e-14
+    assert _max_diff(grads_t, grads_b) <= 1e-12
+
+
+@pytest.mark.parametrize("truncation", [1, 3, 6])
+@pytest.mark.parametrize(("name", "params"), MODELS, ids=MODEL_IDS)
+def test_tbptt_segments_equal_autograd_with_detached_boundaries(
+    name: str, params: dict[str, object], truncation: int
+) -> None:
+    model = _model(name, params)
+    x, y, m = _data()
+    loss_t, grads_t = _run("tbptt", model, x, y, m, truncation=truncation)
+    loss_r, grads_r = _segment_reference(model, x, y, m, truncation)
+    assert abs(loss_t.item() - loss_r.item()) <= 1e-14  # normalised over the whole window
+    assert _max_diff(grads_t, grads_r) <= 1e-12
+    _, grads_b = _run("bptt", model, x, y, m)
+    assert _max_diff(grads_t, grads_b) > 1e-6  # truncation does change the gradient
+
+
+def test_tbptt_of_one_step_equals_feedback_with_zero_d() -> None:
+    model = _model("mi_gru", {"mi_init": "mi"})
+    x, y, m = _data()
+    _, grads_t = _run("tbptt", model, x, y, m, truncation=1)
+    _, grads_f = _run("feedback", model, x, y, m, d=torch.zeros(HID, dtype=F64))
+    assert _max_diff(grads_t, grads_f) <= 1e-12
+
+
+def test_compute_gradients_dispatches_to_each_method() -> None:
+    model = _model("mi_gru", {"mi_init": "mi"})
+    x, y, m = _data()
+    d = torch.full((HID,), 0.5, dtype=F64)
+    direct = {}
+    for method, call in {
+        "bptt": lambda: bptt_gradients(model, x, y, m, LOSS),
+        "tbptt": lambda: tbptt_gradients(model, x, y, m, LOSS, 2),
+        "feedback": lambda: feedback_gradients(model, x, y, m, LOSS, d),
+    }.items():
+        model.zero_grad(set_to_none=True)
+        call()
+        direct[method] = _grads(model)
+    assert _max_diff(_run("bptt", model, x, y, m)[1], direct["bptt"]) == 0.0
+    assert _max_diff(_run("tbptt", model, x, y, m, truncation=2)[1], direct["tbptt"]) == 0.0
+    assert _max_diff(_run("feedback", model, x, y, m, d=d)[1], direct["feedback"]) == 0.0
+    assert _max_diff(direct["feedback"], direct["bptt"]) > 1e-6  # three different gradients
+
+
+def test_gradients_accumulate_like_backward() -> None:
+    model = _model("mi_gru", {"mi_init": "mi"})
+    x, y, m = _data()
+    _, once = _run("feedback", model, x, y, m, d=torch.full((HID,), 0.5, dtype=F64))
+    compute_gradients("feedback", model, x, y, m, LOSS, d=torch.full((HID,), 0.5, dtype=F64))
+    twice = _grads(model)
+    assert max((twice[k] - 2 * once[k]).abs().max().item() for k in once) <= 1e-12
+
+
+def test_unknown_method_is_refused_naming_the_valid_ones() -> None:
+    model = _model("gru", {})
+    x, y, m = _data()
+    with pytest.raises(ModelError, match=r"train.method: 'sgd' is not one of \['feedback', 'bptt'"):
+        compute_gradients("sgd", model, x, y, m, LOSS)  # type: ignore[arg-type]
+
+
+def test_feedback_without_d_is_refused() -> None:
+    model = _model("gru", {})
+    x, y, m = _data()
+    with pytest.raises(ModelError, match=r"method 'feedback' needs the fixed feedback d"):
+        compute_gradients("feedback", model, x, y, m, LOSS)
+
+
+def test_lstm_with_feedback_is_refused_and_trains_with_bptt() -> None:
+    model = _model("lstm", {})
+    x, y, m = _data()
+    with pytest.raises(ModelError, match=r"'lstm' does not support fixed-feedback training.*bptt"):
+        compute_gradients("feedback", model, x, y, m, LOSS, d=torch.zeros(2 * HID, dtype=F64))
+    loss, grads = _run("bptt", model, x, y, m)
+    assert math.isfinite(loss.item())
+    assert grads["rnn.weight_hh_l0"].abs().max().item() > 0
+
+
+def test_truncation_below_one_is_refused() -> None:
+    model = _model("gru", {})
+    x, y, m = _data()
+    with pytest.raises(ModelError, match=r"train.truncation: 0 is not a positive integer"):
+        compute_gradients("tbptt", model, x, y, m, LOSS, truncation=0)
+
+
+@pytest.mark.parametrize("method", ["bptt", "tbptt", "feedback"])
+def test_mixed_precision_computes_the_loss_in_float32(method: str) -> None:
+    torch.manual_seed(0)
+    model = build("mi_gru", D, HID, HORIZON)
+    x, y, m = (t.float() if t.is_floating_point() else t for t in _data())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = compute_gradients(method, model, x, y, m, LOSS, d=torch.full((HID,), 0.5))
+    assert loss.dtype == torch.float32
+    grads = _grads(model)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    assert grads["cell.weight_hh"].abs().max().item() > 0
+
+
+def _sine_windows(count: int, steps: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Noisy sines of random phase (period 16): inputs `[count, steps, 1]`, targets `[.., H]`."""
+    generator = torch.Generator().manual_seed(seed)
+    phase = 2 * math.pi * torch.rand(count, 1, generator=generator)
+    t = torch.arange(steps + HORIZON, dtype=torch.float32)[None, :]
+    series = torch.sin(2 * math.pi * t / 16 + phase)
+    series = series + 0.1 * torch.randn(series.shape, generator=generator)  # [count, T + H]
+    index = torch.arange(steps)[:, None] + torch.arange(1, HORIZON + 1)[None, :]  # [T, H]
+    return series[:, :steps, None], series[:, index], torch.ones(count, steps, HORIZON)
+
+
+@pytest.mark.parametrize("method", ["bptt", "feedback"])
+def test_both_methods_learn_a_noisy_sine(method: str) -> None:
+    torch.manual_seed(0)
+    model = build("mi_gru", 1, 16, HORIZON)
+    loss_fn = ForecastLoss(eta=1.0, burn_in=4)
+    x_val, y_val, m_val = _sine_windows(64, 40, seed=999)
+    with torch.no_grad():
+        before = loss_fn(model(x_val), y_val, m_val).item()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    d = None
+    for step in range(40):
+        x, y, m = _sine_windows(32, 40, seed=step)
+        if method == "feedback" and step % 10 == 0:
+            d = estimate_feedback(model, [x], FeedbackConfig()).d
+        optimiser.zero_grad(set_to_none=True)
+        compute_gradients(method, model, x, y, m, loss_fn, d=d)  # type: ignore[arg-type]
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+    with torch.no_grad():
+        after = loss_fn(model(x_val), y_val, m_val).item()
+    assert after < 0.3 * before, (before, after)
