@@ -205,6 +205,88 @@ def preprocess(
             _fail(f"stationarity gate refused (strict mode): {prepared.decision.reason}")
 
 
+def _print_scores(title: str, scores: dict[str, dict[str, float]]) -> None:
+    table = Table(title=title)
+    for column in ("forecaster", "MSE", "MAE", "windows"):
+        table.add_column(column)
+    for name, score in scores.items():
+        table.add_row(name, f"{score['mse']:.4f}", f"{score['mae']:.4f}", str(score["n_windows"]))
+    console.print(table)
+
+
+@app.command()
+def train(
+    config: ConfigOption,
+    method: Annotated[
+        str | None, typer.Option(help="feedback, bptt or tbptt (default: train.method).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="Use this file instead of data.path.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: output_dir).")] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Ignore checkpoints and start from scratch.")
+    ] = False,
+    overrides: SetOption = None,
+) -> None:
+    """Train the configured model (resuming from checkpoints), export it, score it on test."""
+    with _user_errors():
+        from pipelines.train import run_training
+
+        extra = list(overrides or [])
+        if method is not None:
+            extra.append(f"train.method={method}")
+        if device is not None:
+            extra.append(f"train.device={device}")
+        cfg = _load(config, extra)
+        outcome = run_training(
+            cfg,
+            data_path=data,
+            out_dir=out,
+            resume=not fresh,
+            progress=sys.stderr.isatty(),
+        )
+        history = outcome.history
+        console.print(
+            f"trained {cfg.model.name} with {outcome.method} ({outcome.method_reason}); "
+            f"{len(history.epochs)} epochs in {history.total_seconds:.1f} s, best validation "
+            f"MSE {history.best_val_loss:.4f} at epoch {history.best_epoch}",
+            highlight=False,
+        )
+        _print_scores(
+            f"{cfg.name}: exported model on the protocol's windows (z-scored MSE/MAE)",
+            outcome.evaluations,
+        )
+        console.print(f"bundle: {outcome.bundle}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    config: ConfigOption,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle folder (default: <output_dir>/bundle_<method>).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="Use this file instead of data.path.")
+    ] = None,
+    part: Annotated[str, typer.Option(help="test or val.")] = "test",
+    overrides: SetOption = None,
+) -> None:
+    """Score a trained bundle and the baselines on every window of the test (or val) part."""
+    with _user_errors():
+        from pipelines.train import evaluate_bundle
+
+        if part not in ("test", "val"):
+            _fail(f"--part: {part!r} is not 'test' or 'val'")
+        cfg = _load(config, overrides)
+        folder = bundle if bundle is not None else cfg.output_dir / f"bundle_{cfg.train.method}"
+        if not folder.is_dir():
+            _fail(f"bundle not found: {folder} (run `forecaster train --config {config}` first)")
+        scores = evaluate_bundle(cfg, folder, data_path=data, part=part)  # type: ignore[arg-type]
+        _print_scores(f"{cfg.name}: {part} part, z-scored MSE/MAE (all windows)", scores)
+
+
 @app.command()
 def demo(
     config: Annotated[

@@ -1,9 +1,10 @@
 """The demo: the whole path that exists, end to end, on embedded synthetic plant data.
 
 Steps (DESIGN.md §9): generate and validate data, fit preprocessing on the training window, run
-the stationarity gate, build the model family's MI-GRU, export it to ONNX (full-window and
-stateful step graphs, parity-checked against PyTorch), and forecast every series through ONNX
-Runtime, inverting the preprocessing. Progress goes to a `report` callback; the CLI renders it.
+the stationarity gate, train the fixed-feedback champion candidate and the BPTT fallback, export
+both to ONNX (full-window and stateful step graphs, parity-checked against PyTorch), score them
+and the baselines on every test window, and forecast every series through ONNX Runtime with the
+preprocessing inverted. Progress goes to a `report` callback; the CLI renders it.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from forecaster.data import ID_COL
 from forecaster.inference import forecast_step, forecast_window, initial_state, open_session
 from forecaster.transform import future_timestamps, inverse_forecast, transform
 from pipelines.prepare import PreparedData, prepare
+from pipelines.train import (
+    MODEL_FILE,
+    STEP_MODEL_FILE,
+    TrainOutcome,
+    evaluate_baselines,
+    run_training,
+)
 
 logger = logging.getLogger(__name__)
 
 Report = Callable[[str], None]
-
-# The demo's model: small enough to build and export in about a second on a laptop CPU.
-DEMO_MODEL = "mi_gru"
-DEMO_HIDDEN_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -43,18 +47,19 @@ class SeriesForecast:
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What the demo produced: the prepared data, files written and per-series forecasts."""
+    """What the demo produced: the prepared data, trained models, scores and forecasts."""
 
     prepared: PreparedData
-    files: list[Path]
+    outcomes: dict[str, TrainOutcome]
+    scores: dict[str, dict[str, float]]
     forecasts: list[SeriesForecast]
 
 
 def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
     """Run every stage that exists on the config's data and write the artifacts to `out_dir`."""
-    report(f"[1/4] data and preprocessing ({config.data.source}) → {out_dir}")
+    report(f"[1/5] data and preprocessing ({config.data.source}) → {out_dir}")
     prepared = prepare(config)
-    files = prepared.write(out_dir / "preprocess")
+    prepared.write(out_dir / "preprocess")
     data = prepared.data
     report(
         f"      {data.n_series} series, frequency {data.freq}, "
@@ -67,15 +72,31 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
             f"scale {series.scaling.scale:.3g}, differencing {series.difference}"
         )
     decision = prepared.decision
-    report(f"[2/4] stationarity gate: {decision.method} (d={decision.differences})")
+    report(f"[2/5] stationarity gate: {decision.method} (d={decision.differences})")
     report(f"      {decision.reason}")
 
-    report(f"[3/4] model: {DEMO_MODEL} (hidden {DEMO_HIDDEN_SIZE}) → ONNX")
-    window_path, step_path = _export_demo_model(config, out_dir / "model", report)
-    files += [window_path, step_path]
+    outcomes: dict[str, TrainOutcome] = {}
+    for method, role in (("feedback", "champion candidate"), ("bptt", "fallback")):
+        report(f"[3/5] training the {role}: {config.model.name}, method {method}")
+        outcome = run_training(
+            config, method=method, out_dir=out_dir, resume=False, prepared=prepared
+        )
+        history = outcome.history
+        report(
+            f"      trained with {outcome.method}: {len(history.epochs)} epochs, "
+            f"{history.total_seconds:.1f} s, best validation loss {history.best_val_loss:.4f}"
+        )
+        outcomes[method] = outcome
 
-    report("[4/4] forecasts through ONNX Runtime (untrained weights: the path, not the accuracy)")
-    forecasts = _forecast_all(prepared, config, window_path, step_path)
+    report("[4/5] test windows, z-scored MSE / MAE (every window of the test part)")
+    scores = {f"{config.model.name} ({m})": o.evaluations["test"] for m, o in outcomes.items()}
+    scores.update(evaluate_baselines(prepared, config.window.horizon))
+    for name, score in scores.items():
+        report(f"      {name:<22} MSE {score['mse']:.4f}  MAE {score['mae']:.4f}")
+
+    champion = outcomes["feedback"].bundle
+    report(f"[5/5] forecasts through ONNX Runtime from {champion}")
+    forecasts = _forecast_all(prepared, config, champion / MODEL_FILE, champion / STEP_MODEL_FILE)
     for item in forecasts:
         head = ", ".join(f"{v:.3f}" for v in item.forecast[:4])
         report(
@@ -83,34 +104,7 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
             f"{np.datetime_as_string(item.ds[0], unit='s')}: {head}, … "
             f"(step graph agrees: {item.step_matches_window})"
         )
-    return DemoResult(prepared=prepared, files=files, forecasts=forecasts)
-
-
-def _export_demo_model(config: Config, folder: Path, report: Report) -> tuple[Path, Path]:
-    import torch
-
-    from forecaster.export import export_onnx
-    from forecaster.models.registry import build
-
-    torch.manual_seed(config.seed)
-    model = build(
-        DEMO_MODEL, input_size=1, hidden_size=DEMO_HIDDEN_SIZE, horizon=config.window.horizon
-    )
-    model.eval()
-    paths = []
-    for graph in ("window", "step"):
-        exported = export_onnx(
-            model,
-            folder / f"model_{graph}.onnx",
-            lookback=config.window.lookback,
-            graph=graph,  # type: ignore[arg-type]
-        )
-        report(
-            f"      {graph} graph: {exported.node_count} nodes, export {exported.export_s:.2f} s, "
-            f"parity max |Δ| {exported.parity_max_abs_diff:.1e}"
-        )
-        paths.append(exported.path)
-    return paths[0], paths[1]
+    return DemoResult(prepared=prepared, outcomes=outcomes, scores=scores, forecasts=forecasts)
 
 
 def _forecast_all(

@@ -131,12 +131,16 @@ def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
         "  split: {val_size: 96, test_size: 96}\n"
         "window: {lookback: 48, horizon: 12}\n"
         "preprocess: {trend: robust, seasonality: stl, periods: [24]}\n"
+        "model: {name: gru, hidden_size: 8}\n"
+        "train: {epochs: 1, batch_size: 64, max_windows: 128}\n"
     )
     result = runner.invoke(app, ["demo", "--config", str(config)])
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     for name in ("preprocess/preprocessing.json", "preprocess/stationarity.json"):
         assert (out / name).is_file()
-    assert (out / "model" / "model_window.onnx").is_file()
-    assert (out / "model" / "model_step.onnx").is_file()
+    for method in ("feedback", "bptt"):
+        assert (out / f"bundle_{method}" / "model.onnx").is_file()
+        assert (out / f"bundle_{method}" / "model_step.onnx").is_file()
+    assert "seasonal_naive" in result.output
     assert result.output.count("step graph agrees: True") == 2

@@ -1,0 +1,411 @@
+"""Train and evaluate one forecaster for a config: the job behind `forecaster train/evaluate`.
+
+prepare (pipelines/prepare.py) → model inputs per series (the fitted transform) → forking
+windows per split part → trainer (method from the config, overridden by the stationarity gate
+when the residuals failed it) → ONNX export → evaluation of the exported model on every test
+window with the standard protocol (MSE/MAE on the training-z-scored scale) → a local bundle.
+
+A bundle (DESIGN.md §7) is a folder holding `model.onnx` (full window), `model_step.onnx`
+(stateful step), `preprocessing.json`, `metadata.json` (model, method, metrics, history), plus
+`stationarity.json`; it is written to a temporary folder and renamed, so it is whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from forecaster.config import Config
+from forecaster.errors import ModelError
+from forecaster.evaluation import Evaluation, evaluate_forecaster
+from forecaster.inference import forecast_window, open_session
+from forecaster.transform import SeriesTransform, Transformed, inverse_forecast, transform
+from pipelines.prepare import PREPROCESSING_FILE, STATIONARITY_FILE, PreparedData, prepare
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["feedback", "bptt", "tbptt"]
+Part = Literal["val", "test"]
+
+MODEL_FILE = "model.onnx"
+STEP_MODEL_FILE = "model_step.onnx"
+METADATA_FILE = "metadata.json"
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """Each series' transform over its whole length: `values[j]` belongs to row `j + offset`."""
+
+    transformed: dict[str, Transformed]
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        """Per series, the row of the first model input (the differencing order)."""
+        return {uid: t.difference for uid, t in self.transformed.items()}
+
+    def values(self) -> dict[str, npt.NDArray[np.float64]]:
+        """Per series, the 1-D model input."""
+        return {uid: t.values for uid, t in self.transformed.items()}
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """A trained model, how it was trained, and where its bundle is."""
+
+    model: Any  # RecurrentForecaster; typed loosely so importing this module needs no torch
+    method: str
+    method_reason: str
+    history: Any  # TrainHistory
+    evaluations: dict[str, dict[str, float]]
+    bundle: Path
+
+
+def model_inputs(prepared: PreparedData) -> ModelInputs:
+    """Apply the fitted transform to every series (training, validation and test rows)."""
+    transformed: dict[str, Transformed] = {}
+    for uid, frame in prepared.data.frame.groupby("unique_id", sort=False):
+        name = str(uid)
+        spec = prepared.spec.for_series(name)
+        transformed[name] = transform(
+            spec, frame["y"].to_numpy(), frame["ds"].to_numpy(), series_id=name
+        )
+    return ModelInputs(transformed=transformed)
+
+
+def choose_method(config: Config, prepared: PreparedData, requested: str | None) -> tuple[str, str]:
+    """The training method and why: the config's (or the override), unless the gate said no.
+
+    Raises:
+        ModelError: the gate refused (strict mode) and feedback training was asked for.
+    """
+    method = requested or config.train.method
+    decision = prepared.decision
+    if method != "feedback":
+        return method, f"method '{method}' requested"
+    if decision.method == "refuse":
+        raise ModelError(f"stationarity gate refused fixed-feedback training: {decision.reason}")
+    if decision.method == "bptt":
+        return "bptt", f"stationarity gate chose BPTT: {decision.reason}"
+    return "feedback", f"stationarity gate passed: {decision.reason}"
+
+
+def train_model(
+    config: Config,
+    prepared: PreparedData,
+    inputs: ModelInputs,
+    *,
+    method: str | None = None,
+    device: str | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    progress: bool = False,
+) -> tuple[Any, str, str, Any]:
+    """Build the configured model and train it; returns (model, method, reason, history)."""
+    import torch
+
+    from forecaster.models.registry import build
+    from forecaster.training.trainer import train
+    from forecaster.training.windows import ForkingWindows
+
+    chosen, reason = choose_method(config, prepared, method)
+    torch.manual_seed(config.seed)
+    model = build(
+        config.model.name,
+        input_size=1,
+        hidden_size=config.model.hidden_size,
+        horizon=config.window.horizon,
+        **config.model.params,
+    )
+    windows = {
+        part: ForkingWindows.from_split(
+            inputs.values(),
+            prepared.splits,
+            part,  # type: ignore[arg-type]
+            horizon=config.window.horizon,
+            lookback=config.window.lookback,
+            offset=inputs.offsets,
+            stride=config.train.stride if part == "train" else 1,
+        )
+        for part in ("train", "val")
+    }
+    overrides: dict[str, Any] = {"method": chosen}
+    if device is not None:
+        overrides["device"] = device
+    result = train(
+        model,
+        windows["train"],
+        windows["val"],
+        config.train.model_copy(update=overrides),
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        callbacks=callbacks,
+        progress=progress,
+        seed=config.seed,
+        method_reason=reason,
+    )
+    return result.model, result.history.method, reason, result.history
+
+
+@dataclass(frozen=True)
+class _OnnxSeriesForecaster:
+    """`forecast(inputs, origins)` for `evaluate_forecaster`: model input by origin row, ONNX
+    forecast on the model scale, inverted to the series' units with the fitted transform."""
+
+    session: Any
+    spec: SeriesTransform
+    transformed: Transformed
+    ds: npt.NDArray[np.datetime64]
+    lookback: int
+    horizon: int
+    name: str
+
+    def __call__(
+        self, inputs: npt.NDArray[np.float64], origins: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float64]:
+        d = self.transformed.difference
+        values, residual = self.transformed.values, self.transformed.residual
+        x = np.stack([values[r - self.lookback - d : r - d] for r in origins])  # [b, L]
+        z = forecast_window(self.session, x.astype(np.float32)[:, :, None])  # [b, H]
+        return np.stack(
+            [
+                inverse_forecast(
+                    self.spec,
+                    z[i].astype(np.float64),
+                    self.ds[r : r + self.horizon],
+                    residual[r - d : r],
+                    series_id=self.name,
+                )
+                for i, r in enumerate(origins)
+            ]
+        )
+
+
+def evaluate_session(
+    session: Any,
+    prepared: PreparedData,
+    inputs: ModelInputs,
+    horizon: int,
+    part: Part = "test",
+) -> dict[str, Evaluation]:
+    """Score an ONNX window model on every window of `part`, per series, with the protocol.
+
+    The model forecasts on its input scale; forecasts are inverted to the series' units with the
+    fitted transform and then z-scored with the training mean and std (../shared/data/README.md).
+    """
+    results: dict[str, Evaluation] = {}
+    for uid, frame in prepared.data.frame.groupby("unique_id", sort=False):
+        name = str(uid)
+        split = prepared.splits[name]
+        forecaster = _OnnxSeriesForecaster(
+            session=session,
+            spec=prepared.spec.for_series(name),
+            transformed=inputs.transformed[name],
+            ds=frame["ds"].to_numpy(),
+            lookback=split.lookback,
+            horizon=horizon,
+            name=name,
+        )
+        results[name] = evaluate_forecaster(
+            forecaster,
+            frame["y"].to_numpy(np.float64),
+            split,
+            horizon,
+            part=part,
+            with_origins=True,
+        )
+    return results
+
+
+def summary(evaluations: dict[str, Evaluation]) -> dict[str, float]:
+    """Window-weighted mean MSE and MAE over series (equal to the protocol for one series)."""
+    n = np.array([e.n_windows for e in evaluations.values()], dtype=np.float64)
+    mse = np.array([e.metrics["mse"] for e in evaluations.values()])
+    mae = np.array([e.metrics["mae"] for e in evaluations.values()])
+    return {
+        "mse": float((n * mse).sum() / n.sum()),
+        "mae": float((n * mae).sum() / n.sum()),
+        "n_windows": int(n.sum()),
+    }
+
+
+def write_bundle(
+    folder: Path,
+    model: Any,
+    config: Config,
+    prepared: PreparedData,
+    *,
+    method: str,
+    method_reason: str,
+    history: Any,
+    metrics: dict[str, Any],
+) -> Path:
+    """Export the model (window + step graphs) with its preprocessing into a bundle folder.
+
+    Written to a temporary sibling folder and renamed into place, replacing an older bundle
+    only once the new one is complete.
+    """
+    from forecaster.export import export_onnx
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        metadata = {"training_method": method, "config_name": config.name}
+        for graph, name in (("window", MODEL_FILE), ("step", STEP_MODEL_FILE)):
+            export_onnx(
+                model,
+                staging / name,
+                lookback=config.window.lookback,
+                freq=prepared.data.freq,
+                metadata=metadata,
+                graph=graph,  # type: ignore[arg-type]
+            )
+        prepared.spec.save(staging / PREPROCESSING_FILE)
+        from pipelines.stationarity import save_report
+
+        save_report(prepared.decision, staging / STATIONARITY_FILE)
+        record = {
+            "format_version": 1,
+            "name": config.name,
+            "model": config.model.model_dump(),
+            "lookback": config.window.lookback,
+            "horizon": config.window.horizon,
+            "freq": prepared.data.freq,
+            "training_method": method,
+            "method_reason": method_reason,
+            "metrics": metrics,
+            "history": history.to_dict(),
+        }
+        (staging / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if folder.exists():
+            retired = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            folder.replace(retired)
+            staging.replace(folder)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.replace(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def run_training(
+    config: Config,
+    *,
+    method: str | None = None,
+    device: str | None = None,
+    data_path: Path | None = None,
+    out_dir: Path | None = None,
+    resume: bool = True,
+    progress: bool = False,
+    callbacks: Sequence[Any] = (),
+    prepared: PreparedData | None = None,
+) -> TrainOutcome:
+    """The whole job: prepare, train, export, evaluate the exported model, write the bundle.
+
+    `prepared` skips the front of the pipeline when the caller already ran it on this config.
+    """
+    if prepared is None:
+        prepared = prepare(config, data_path=data_path)
+    inputs = model_inputs(prepared)
+    out = out_dir if out_dir is not None else config.output_dir
+    requested = method or config.train.method
+    model, used, reason, history = train_model(
+        config,
+        prepared,
+        inputs,
+        method=method,
+        device=device,
+        checkpoint_dir=out / "checkpoints" / requested,
+        resume=resume,
+        callbacks=callbacks,
+        progress=progress,
+    )
+    bundle = out / f"bundle_{requested}"
+    write_bundle(
+        bundle,
+        model,
+        config,
+        prepared,
+        method=used,
+        method_reason=reason,
+        history=history,
+        metrics={},
+    )
+    session = open_session(bundle / MODEL_FILE)
+    horizon = config.window.horizon
+    evaluations = {
+        part: summary(evaluate_session(session, prepared, inputs, horizon, part))  # type: ignore[arg-type]
+        for part in ("val", "test")
+    }
+    metadata_path = bundle / METADATA_FILE
+    record = json.loads(metadata_path.read_text())
+    record["metrics"] = evaluations
+    tmp = metadata_path.with_name(f".{METADATA_FILE}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(metadata_path)
+    return TrainOutcome(
+        model=model,
+        method=used,
+        method_reason=reason,
+        history=history,
+        evaluations=evaluations,
+        bundle=bundle,
+    )
+
+
+def evaluate_baselines(
+    prepared: PreparedData, horizon: int, part: Part = "test"
+) -> dict[str, dict[str, float]]:
+    """Repeat-last and seasonal-naive (shortest fitted period, else 1) on the same windows."""
+    from forecaster.baselines import baseline
+
+    results: dict[str, dict[str, Evaluation]] = {"repeat_last": {}, "seasonal_naive": {}}
+    for uid, frame in prepared.data.frame.groupby("unique_id", sort=False):
+        name = str(uid)
+        profiles = prepared.spec.for_series(name).seasonality.profiles
+        season = min((p.period for p in profiles), default=24 if prepared.data.freq == "h" else 1)
+        values = frame["y"].to_numpy(np.float64)
+        for kind, fn in (
+            ("repeat_last", baseline("repeat_last", horizon)),
+            ("seasonal_naive", baseline("seasonal_naive", horizon, season=season)),
+        ):
+            results[kind][name] = evaluate_forecaster(
+                fn, values, prepared.splits[name], horizon, part=part
+            )
+    return {kind: summary(per_series) for kind, per_series in results.items()}
+
+
+def evaluate_bundle(
+    config: Config, bundle: Path, *, data_path: Path | None = None, part: Part = "test"
+) -> dict[str, dict[str, float]]:
+    """Score a bundle's ONNX model and the baselines on the config's data with the protocol.
+
+    The bundle's own `preprocessing.json` is applied (not a refit), so the score is the one the
+    served model would get.
+    """
+    from forecaster.transform import PreprocessingSpec
+
+    prepared = prepare(config, data_path=data_path)
+    spec = PreprocessingSpec.load(bundle / PREPROCESSING_FILE)
+    prepared = PreparedData(
+        data=prepared.data, splits=prepared.splits, spec=spec, decision=prepared.decision
+    )
+    session = open_session(bundle / MODEL_FILE)
+    horizon = config.window.horizon
+    scores = {
+        "model": summary(evaluate_session(session, prepared, model_inputs(prepared), horizon, part))
+    }
+    scores.update(evaluate_baselines(prepared, horizon, part))
+    return scores

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forecaster.config import Config, parse_config
+from forecaster.errors import ModelError
+from pipelines.prepare import prepare
+from pipelines.train import (
+    METADATA_FILE,
+    MODEL_FILE,
+    STEP_MODEL_FILE,
+    choose_method,
+    evaluate_bundle,
+    run_training,
+)
+
+
+def _config(tmp_path: Path, **sections: object) -> Config:
+    raw: dict[str, object] = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "out"),
+        "data": {
+            "synthetic": {"n_series": 2, "length": 720, "seed": 1},
+            "split": {"val_size": 72, "test_size": 72},
+        },
+        "window": {"lookback": 24, "horizon": 6},
+        "preprocess": {"trend": "linear", "seasonality": "stl", "periods": [24]},
+        "model": {"name": "gru", "hidden_size": 8},
+        "train": {"epochs": 2, "batch_size": 64, "stride": 2},
+    }
+    raw.update(sections)
+    return parse_config(raw)
+
+
+def _walk_csv(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    ds = pd.date_range("2024-01-01", periods=600, freq="h")
+    y = np.cumsum(rng.normal(size=600))
+    pd.DataFrame({"unique_id": "w", "ds": ds, "y": y}).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, object]:
+    tmp_path = tmp_path_factory.mktemp("train")
+    config = _config(tmp_path)
+    return config, run_training(config)
+
+
+def test_training_writes_a_complete_bundle(trained: tuple[Config, object]) -> None:
+    config, outcome = trained
+    bundle = outcome.bundle  # type: ignore[attr-defined]
+    names = {p.name for p in bundle.iterdir()}
+    assert {MODEL_FILE, STEP_MODEL_FILE, METADATA_FILE, "preprocessing.json"} <= names
+    metadata = json.loads((bundle / METADATA_FILE).read_text())
+    assert metadata["training_method"] == outcome.method  # type: ignore[attr-defined]
+    assert metadata["metrics"]["test"]["n_windows"] == 2 * (72 - 6 + 1)
+    assert len(metadata["history"]["epochs"]) >= 1
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".bundle")]
+
+
+def test_evaluate_bundle_reproduces_the_logged_test_metric(
+    trained: tuple[Config, object],
+) -> None:
+    config, outcome = trained
+    scores = evaluate_bundle(config, outcome.bundle)  # type: ignore[attr-defined]
+    logged = outcome.evaluations["test"]  # type: ignore[attr-defined]
+    assert scores["model"]["mse"] == pytest.approx(logged["mse"], rel=1e-9)
+    assert set(scores) == {"model", "repeat_last", "seasonal_naive"}
+
+
+def test_gate_decides_the_method(tmp_path: Path) -> None:
+    data = {
+        "source": "file",
+        "path": str(_walk_csv(tmp_path / "walk.csv")),
+        "split": {"val_size": 72, "test_size": 72},
+    }
+    plain = {"trend": "none", "seasonality": "none"}
+    config = _config(tmp_path, data=data, preprocess=plain, stationarity={"d_max": 0})
+    method, reason = choose_method(config, prepare(config), None)
+    assert method == "bptt"
+    assert "stationarity gate chose BPTT" in reason
+    strict = _config(
+        tmp_path, data=data, preprocess=plain, stationarity={"d_max": 0, "strict": True}
+    )
+    with pytest.raises(ModelError, match="stationarity gate refused"):
+        choose_method(strict, prepare(strict), None)
+    assert choose_method(strict, prepare(strict), "bptt")[0] == "bptt"
