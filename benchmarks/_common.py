@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from forecaster.files import atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_PACKAGES = (
     "numpy",
@@ -112,8 +114,6 @@ def write_results(
         (json_path, json.dumps(record, indent=2, sort_keys=False) + "\n"),
         (md_path, table_md.rstrip() + footer),
     ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_text(path, text)
     print(f"wrote {json_path} and {md_path}\ncommand: {record['command']}")
     return json_path, md_path

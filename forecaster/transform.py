@@ -16,8 +16,6 @@ This module imports neither pandas nor statsmodels nor torch: the serving image 
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from forecaster.errors import DataError
+from forecaster.files import atomic_write_text
 
 __all__ = [
     "FORMAT_VERSION",
@@ -194,21 +193,7 @@ class PreprocessingSpec(_Spec):
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file in the same folder, then rename); return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        tmp = Path(tmp_name)
-        try:
-            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a serving user
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(self.to_json())
-                handle.flush()
-                os.fsync(handle.fileno())
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> PreprocessingSpec:

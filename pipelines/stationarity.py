@@ -43,8 +43,6 @@ import inspect
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -60,6 +58,7 @@ from statsmodels.tsa.stattools import adfuller, kpss
 
 from forecaster.config import StationarityConfig
 from forecaster.errors import DataError
+from forecaster.files import atomic_write_text
 
 __all__ = [
     "MIN_OBS",
@@ -374,22 +373,8 @@ def save_report(decision: GateDecision, path: str | Path) -> Path:
 
     Readers never see a partial file; on failure the previous file, if any, is left as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(decision.to_dict(), indent=2, allow_nan=False) + "\n"
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            tmp.chmod(0o644)  # mkstemp creates 0600; the report is read by other users and tools
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 # --- helpers ---------------------------------------------------------------------------------

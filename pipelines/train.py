@@ -27,6 +27,7 @@ import numpy.typing as npt
 from forecaster.config import Config
 from forecaster.errors import ModelError
 from forecaster.evaluation import Evaluation, evaluate_forecaster
+from forecaster.files import atomic_write_text
 from forecaster.inference import forecast_window, open_session
 from forecaster.transform import SeriesTransform, Transformed, inverse_forecast, transform
 from pipelines.prepare import PREPROCESSING_FILE, STATIONARITY_FILE, PreparedData, prepare
@@ -285,7 +286,7 @@ def write_bundle(
             "metrics": metrics,
             "history": history.to_dict(),
         }
-        (staging / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(staging / METADATA_FILE, json.dumps(record, indent=2) + "\n")
         if folder.exists():
             retired = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(retired, ignore_errors=True)
@@ -352,9 +353,7 @@ def run_training(
     metadata_path = bundle / METADATA_FILE
     record = json.loads(metadata_path.read_text())
     record["metrics"] = evaluations
-    tmp = metadata_path.with_name(f".{METADATA_FILE}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(metadata_path)
+    atomic_write_text(metadata_path, json.dumps(record, indent=2) + "\n")
     return TrainOutcome(
         model=model,
         method=used,

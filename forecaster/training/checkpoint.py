@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from torch import Tensor
 
 from forecaster.errors import ConfigError
+from forecaster.files import atomic_writer
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -144,17 +143,8 @@ def save_checkpoint(checkpoint: Checkpoint, directory: Path) -> Path:
         "cuda": list(checkpoint.rng.cuda),
     }
     payload["version"] = _FORMAT_VERSION
-    fd, tmp_name = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_writer(target, "wb") as handle:
+        torch.save(payload, handle)
     return target
 
 

@@ -22,6 +22,7 @@ from scipy.signal import lfilter
 from statsmodels.tools.sm_exceptions import InterpolationWarning
 from statsmodels.tsa.stattools import adfuller, kpss
 
+import forecaster.files
 from forecaster.config import StationarityConfig
 from forecaster.errors import DataError
 from pipelines import stationarity as st
@@ -738,7 +739,7 @@ def test_save_report_leaves_old_file_intact_when_writing_fails(
     def broken_fsync(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(st.os, "fsync", broken_fsync)
+    monkeypatch.setattr(forecaster.files.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         st.save_report(decision, path)
     assert path.read_text(encoding="utf-8") == '{"old": true}'
