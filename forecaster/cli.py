@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -301,7 +301,93 @@ def demo(
 
         cfg = _load(config, None) if config is not None else parse_config({"name": "demo"})
         out_dir = out if out is not None else cfg.output_dir
-        run_demo(cfg, out_dir, report=lambda line: console.print(line, highlight=False))
+        run_demo(
+            cfg, out_dir, report=lambda line: console.print(line, highlight=False, soft_wrap=True)
+        )
+
+
+models_app = typer.Typer(
+    help="Registered model versions and their aliases (MLflow registry).", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the embedded store)."
+    ),
+]
+
+
+def _print_versions(versions: list[Any]) -> None:
+    table = Table(title=f"registered model {versions[0].name}" if versions else "no versions")
+    for column in ("version", "aliases", "role", "test MSE", "verified", "run"):
+        table.add_column(column)
+    for v in versions:
+        table.add_row(
+            v.version,
+            ",".join(v.aliases) or "-",
+            v.tags.get("role", "-"),
+            v.tags.get("test_mse", "-"),
+            v.tags.get("verified", "-"),
+            v.run_id or "-",
+        )
+    console.print(table)
+
+
+@models_app.command("list")
+def models_list(config: ConfigOption, tracking_uri: TrackingUriOption = None) -> None:
+    """List every version of the config's registered model, newest first."""
+    with _user_errors():
+        from pipelines.tracking import list_versions
+
+        cfg = _load(config, None)
+        _print_versions(list_versions(cfg.name, uri=tracking_uri, output_dir=cfg.output_dir))
+
+
+@models_app.command("show")
+def models_show(
+    config: ConfigOption,
+    which: Annotated[str, typer.Argument(help="A version number or an alias (champion).")],
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Show one version, by number or alias."""
+    with _user_errors():
+        from pipelines.tracking import show
+
+        cfg = _load(config, None)
+        _print_versions([show(cfg.name, which, uri=tracking_uri, output_dir=cfg.output_dir)])
+
+
+@models_app.command("promote")
+def models_promote(
+    config: ConfigOption,
+    version: Annotated[str, typer.Argument(help="Version number to point the alias at.")],
+    alias: Annotated[str, typer.Option(help="champion or fallback.")] = "champion",
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Point an alias at a version by hand (its ONNX model must load)."""
+    with _user_errors():
+        from pipelines.tracking import promote
+
+        cfg = _load(config, None)
+        info = promote(cfg.name, version, alias, uri=tracking_uri, output_dir=cfg.output_dir)
+        console.print(f"@{alias} → v{info.version}", highlight=False)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    config: ConfigOption,
+    alias: Annotated[str, typer.Option(help="champion or fallback.")] = "champion",
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Point an alias back at the version that held it before."""
+    with _user_errors():
+        from pipelines.tracking import rollback
+
+        cfg = _load(config, None)
+        info = rollback(cfg.name, alias, uri=tracking_uri, output_dir=cfg.output_dir)
+        console.print(f"@{alias} rolled back to v{info.version}", highlight=False)
 
 
 def main() -> None:

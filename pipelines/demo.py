@@ -2,9 +2,10 @@
 
 Steps (DESIGN.md §9): generate and validate data, fit preprocessing on the training window, run
 the stationarity gate, train the fixed-feedback champion candidate and the BPTT fallback, export
-both to ONNX (full-window and stateful step graphs, parity-checked against PyTorch), score them
-and the baselines on every test window, and forecast every series through ONNX Runtime with the
-preprocessing inverted. Progress goes to a `report` callback; the CLI renders it.
+both to ONNX (full-window and stateful step graphs, parity-checked against PyTorch), track every
+run in the embedded MLflow store and register both under the `champion` / `fallback` aliases,
+score them and the baselines on every test window, and forecast every series through ONNX
+Runtime with the preprocessing inverted. Progress goes to a `report` callback; the CLI renders it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from forecaster.data import ID_COL
 from forecaster.inference import forecast_step, forecast_window, initial_state, open_session
 from forecaster.transform import future_timestamps, inverse_forecast, transform
 from pipelines.prepare import PreparedData, prepare
+from pipelines.tracking import CHAMPION, FALLBACK, open_tracking
 from pipelines.train import (
     MODEL_FILE,
     STEP_MODEL_FILE,
@@ -76,21 +78,39 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
     report(f"      {decision.reason}")
 
     outcomes: dict[str, TrainOutcome] = {}
-    for method, role in (("feedback", "champion candidate"), ("bptt", "fallback")):
-        report(f"[3/5] training the {role}: {config.model.name}, method {method}")
-        outcome = run_training(
-            config, method=method, out_dir=out_dir, resume=False, prepared=prepared
-        )
-        history = outcome.history
-        report(
-            f"      trained with {outcome.method}: {len(history.epochs)} epochs, "
-            f"{history.total_seconds:.1f} s, best validation loss {history.best_val_loss:.4f}"
-        )
-        outcomes[method] = outcome
+    horizon = config.window.horizon
+    tracking = open_tracking(config.model_copy(update={"output_dir": out_dir}))
+    with tracking.start_retrain("demo") as run:
+        run.log_data(config, prepared)
+        logged = {}
+        for method, role in (("feedback", "champion candidate"), ("bptt", "fallback")):
+            report(f"[3/5] training the {role}: {config.model.name}, method {method}")
+            tracker = run.child(method)
+            outcome = run_training(
+                config,
+                method=method,
+                out_dir=out_dir,
+                resume=False,
+                prepared=prepared,
+                callbacks=[tracker],
+            )
+            logged[method] = run.log_training(tracker, config, prepared, outcome, role=method)
+            history = outcome.history
+            report(
+                f"      trained with {outcome.method}: {len(history.epochs)} epochs, "
+                f"{history.total_seconds:.1f} s, best validation loss {history.best_val_loss:.4f}"
+            )
+            outcomes[method] = outcome
+        baselines = evaluate_baselines(prepared, horizon)
+        run.log_baselines(baselines)
+        for method, alias in (("feedback", CHAMPION), ("bptt", FALLBACK)):
+            decision = run.register_and_promote(logged[method], alias, prepared, horizon)
+            verb = "promoted" if decision.promoted else "kept"
+            report(f"      registry @{alias}: {verb} — {decision.reason}")
 
     report("[4/5] test windows, z-scored MSE / MAE (every window of the test part)")
     scores = {f"{config.model.name} ({m})": o.evaluations["test"] for m, o in outcomes.items()}
-    scores.update(evaluate_baselines(prepared, config.window.horizon))
+    scores.update(baselines)
     for name, score in scores.items():
         report(f"      {name:<22} MSE {score['mse']:.4f}  MAE {score['mae']:.4f}")
 
@@ -104,6 +124,7 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
             f"{np.datetime_as_string(item.ds[0], unit='s')}: {head}, … "
             f"(step graph agrees: {item.step_matches_window})"
         )
+    report(f"compare runs and versions: mlflow ui --backend-store-uri {tracking.uri}")
     return DemoResult(prepared=prepared, outcomes=outcomes, scores=scores, forecasts=forecasts)
 
 

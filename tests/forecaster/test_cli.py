@@ -34,7 +34,19 @@ def _config(tmp_path: Path, data: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", [[], ["validate"], ["preprocess"], ["demo"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["validate"],
+        ["preprocess"],
+        ["train"],
+        ["evaluate"],
+        ["demo"],
+        ["models"],
+        ["models", "list"],
+    ],
+)
 def test_help_everywhere(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
@@ -144,3 +156,16 @@ def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
         assert (out / f"bundle_{method}" / "model_step.onnx").is_file()
     assert "seasonal_naive" in result.output
     assert result.output.count("step graph agrees: True") == 2
+    assert "mlflow ui --backend-store-uri sqlite:///" in result.output
+    assert (out / "mlruns.db").is_file()
+
+    listed = runner.invoke(app, ["models", "list", "--config", str(config)])
+    assert listed.exit_code == 0, listed.output
+    assert "champion" in listed.output
+    assert "fallback" in listed.output
+    shown = runner.invoke(app, ["models", "show", "--config", str(config), "champion"])
+    assert shown.exit_code == 0, shown.output
+    assert "feedback" in shown.output
+    nothing_earlier = runner.invoke(app, ["models", "rollback", "--config", str(config)])
+    assert nothing_earlier.exit_code == 2
+    assert "no earlier version" in nothing_earlier.output
