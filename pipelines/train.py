@@ -367,14 +367,21 @@ def run_training(
 def evaluate_baselines(
     prepared: PreparedData, horizon: int, part: Part = "test"
 ) -> dict[str, dict[str, float]]:
-    """Repeat-last and seasonal-naive (shortest fitted period, else 1) on the same windows."""
+    """Repeat-last and seasonal-naive on the same windows.
+
+    The season is the shortest fitted seasonal period, else the daily period of the data's
+    frequency (`seasonal_periods`), else 1.
+    """
     from forecaster.baselines import baseline
+    from forecaster.data import seasonal_periods
+
+    natural = seasonal_periods(prepared.data.freq)
 
     results: dict[str, dict[str, Evaluation]] = {"repeat_last": {}, "seasonal_naive": {}}
     for uid, frame in prepared.data.frame.groupby("unique_id", sort=False):
         name = str(uid)
         profiles = prepared.spec.for_series(name).seasonality.profiles
-        season = min((p.period for p in profiles), default=24 if prepared.data.freq == "h" else 1)
+        season = min((p.period for p in profiles), default=natural[0] if natural else 1)
         values = frame["y"].to_numpy(np.float64)
         for kind, fn in (
             ("repeat_last", baseline("repeat_last", horizon)),

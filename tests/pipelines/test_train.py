@@ -15,6 +15,7 @@ from pipelines.train import (
     MODEL_FILE,
     STEP_MODEL_FILE,
     choose_method,
+    evaluate_baselines,
     evaluate_bundle,
     run_training,
 )
@@ -91,3 +92,20 @@ def test_gate_decides_the_method(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="stationarity gate refused"):
         choose_method(strict, prepare(strict), None)
     assert choose_method(strict, prepare(strict), "bptt")[0] == "bptt"
+
+
+def test_seasonal_naive_uses_the_daily_period_without_fitted_seasonality(tmp_path: Path) -> None:
+    ds = pd.date_range("2024-01-01", periods=96 * 12, freq="15min")
+    day = np.sin(2 * np.pi * np.arange(len(ds)) / 96)
+    path = tmp_path / "q.csv"
+    pd.DataFrame({"unique_id": "q", "ds": ds, "y": 5 + day}).to_csv(path, index=False)
+    config = _config(
+        tmp_path,
+        data={"source": "file", "path": str(path), "split": {"val_size": 192, "test_size": 192}},
+        window={"lookback": 96, "horizon": 24},
+        preprocess={"trend": "none", "seasonality": "none"},
+    )
+    scores = evaluate_baselines(prepare(config), 24)
+    # A pure daily cycle: seasonal naive with season 96 is exact, repeat-last is not.
+    assert scores["seasonal_naive"]["mse"] < 1e-20
+    assert scores["repeat_last"]["mse"] > 0.1
