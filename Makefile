@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench bench-ett install clean
 
 install: $(STAMP)
 
@@ -36,6 +36,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/onnx_latency.py
+	$(BIN)/python benchmarks/train_speed.py --threads 1
+
+# Accuracy on ETT (needs ../shared/data; about 45 minutes on two CPU cores at these settings).
+bench-ett: $(STAMP)
+	$(BIN)/python benchmarks/ett.py --datasets ETTh1 --horizons 96 192 336 720 \
+		--models mi_gru gru --methods feedback bptt --seeds 0 1 2 --epochs 6 --patience 2 \
+		--max-windows 2048
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,485 @@
+"""ETT univariate (target OT) accuracy: recurrent forecasters, fixed feedback vs BPTT (issue 12).
+
+Question: on the standard ETT protocol (../shared/data/README.md §1: train [0, 8640) /
+val [8640 - L, 11520) / test [11520 - L, 14400) for ETTh, x4 for ETTm; z-scored on train;
+MSE/MAE on that scale over ALL test windows, stride 1), what test MSE/MAE do MI-GRU, LMN, SCRN
+and GRU reach with fixed-feedback training and with BPTT (GRU: BPTT only, its fused kernel has no
+feedback path; LSTM is skipped), next to repeat-last / seasonal-naive and the published
+univariate numbers? Targets: feedback's mean test MSE within 3% of BPTT's; best model <= 0.053 at
+H = 96 on ETTh1 (repeat-last: 0.0693).
+
+Every run goes through `pipelines.train.run_training` (train -> ONNX export -> evaluation of the
+exported model on every val and test window), with a config built in code in the shape of
+configs/etth1.yaml: wide layout, column OT, split kind `ett`, no trend/seasonality, standard
+scaling; the stationarity gate then differences once and the model predicts changes. Early
+stopping and the kept weights use the validation loss only; the "selected" row per (dataset, H)
+picks the model/method with the lowest mean VALIDATION MSE and reports its test MSE.
+
+Published numbers (MSE, univariate, look-back 336 for PatchTST/42, 512 for PatchTST/64) are
+copied from Nie et al., "A Time Series is Worth 64 Words: Long-term Forecasting with
+Transformers", ICLR 2023 (arXiv:2211.14730), Appendix A.3, Table 8; its DLinear column is cited
+there from Zeng et al. (2022/AAAI 2023). NLinear's univariate numbers are NOT included: we could
+not check them against the source table, so they are left out rather than guessed.
+
+Results are written after every run (benchmarks/results/ett.json + .md), so a partial run leaves
+a valid file; `--append` keeps the runs already in ett.json and skips those it would repeat.
+
+Run (CPU subset): python benchmarks/ett.py --datasets ETTh1 --horizons 96 --models mi_gru \
+    --methods feedback bptt --seeds 0 1 2 --epochs 5 --max-windows 1536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import RESULTS_DIR, write_results  # noqa: E402
+
+from forecaster.config import parse_config  # noqa: E402
+from pipelines.prepare import prepare  # noqa: E402
+from pipelines.train import evaluate_baselines, run_training  # noqa: E402
+
+NAME = "ett"
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ett"
+DATASETS = {"ETTh1": ("ETTh", "h"), "ETTh2": ("ETTh", "h"), "ETTm1": ("ETTm", "15min")}
+HORIZONS = (96, 192, 336, 720)
+MODELS = ("mi_gru", "lmn", "scrn", "gru")
+FEEDBACK_MODELS = {"mi_gru", "lmn", "scrn"}  # gru: fused nn.GRU, BPTT only; lstm: skipped
+
+# Nie et al., ICLR 2023 (arXiv:2211.14730), Appendix A.3, Table 8 — univariate ETT, target OT.
+# (MSE, MAE); the DLinear column is cited there from Zeng et al.
+PUBLISHED_SOURCE = (
+    "Nie et al., 'A Time Series is Worth 64 Words', ICLR 2023 (arXiv:2211.14730), "
+    "Appendix A.3, Table 8 (univariate ETT; DLinear column cited there from Zeng et al.)"
+)
+PUBLISHED: dict[str, dict[str, dict[int, tuple[float, float]]]] = {
+    "PatchTST/64": {
+        "ETTh1": {
+            96: (0.059, 0.189),
+            192: (0.074, 0.215),
+            336: (0.076, 0.220),
+            720: (0.087, 0.236),
+        },
+        "ETTh2": {
+            96: (0.131, 0.284),
+            192: (0.171, 0.329),
+            336: (0.171, 0.336),
+            720: (0.223, 0.380),
+        },
+        "ETTm1": {
+            96: (0.026, 0.123),
+            192: (0.040, 0.151),
+            336: (0.053, 0.174),
+            720: (0.073, 0.206),
+        },
+    },
+    "PatchTST/42": {
+        "ETTh1": {
+            96: (0.055, 0.179),
+            192: (0.071, 0.205),
+            336: (0.081, 0.225),
+            720: (0.087, 0.232),
+        },
+        "ETTh2": {
+            96: (0.129, 0.282),
+            192: (0.168, 0.328),
+            336: (0.185, 0.351),
+            720: (0.224, 0.383),
+        },
+        "ETTm1": {
+            96: (0.026, 0.121),
+            192: (0.039, 0.150),
+            336: (0.053, 0.173),
+            720: (0.074, 0.207),
+        },
+    },
+    "DLinear": {
+        "ETTh1": {
+            96: (0.056, 0.180),
+            192: (0.071, 0.204),
+            336: (0.098, 0.244),
+            720: (0.189, 0.359),
+        },
+        "ETTh2": {
+            96: (0.131, 0.279),
+            192: (0.176, 0.329),
+            336: (0.209, 0.367),
+            720: (0.276, 0.426),
+        },
+        "ETTm1": {
+            96: (0.028, 0.123),
+            192: (0.045, 0.156),
+            336: (0.061, 0.182),
+            720: (0.080, 0.210),
+        },
+    },
+}
+
+
+def build_config(
+    args: argparse.Namespace,
+    dataset: str,
+    horizon: int,
+    model: str,
+    method: str,
+    seed: int,
+    out_dir: Path,
+) -> Any:
+    """A config in the shape of configs/etth1.yaml for one run."""
+    kind, freq = DATASETS[dataset]
+    train: dict[str, Any] = {
+        "method": method,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "device": "cpu",
+        "deterministic": True,
+    }
+    if args.max_windows:
+        train["max_windows"] = args.max_windows
+    raw = {
+        "name": f"{dataset}_{horizon}_{model}_{method}_s{seed}",
+        "seed": seed,
+        "output_dir": str(out_dir),
+        "data": {
+            "source": "file",
+            "path": str(DATA_DIR / f"{dataset}.csv"),
+            "layout": "wide",
+            "time_col": "date",
+            "columns": ["OT"],
+            "freq": freq,
+            "split": {"kind": "ett", "ett_dataset": kind},
+        },
+        "window": {"lookback": args.lookback, "horizon": horizon},
+        "preprocess": {"trend": "none", "seasonality": "none", "scaling": "standard"},
+        "stationarity": {"alpha": 0.05, "remedy": "difference", "d_max": 1},
+        "model": {"name": model, "hidden_size": args.hidden},
+        "train": train,
+    }
+    return parse_config(raw, source=f"<ett {raw['name']}>")
+
+
+def run_key(run: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        run["dataset"],
+        run["horizon"],
+        run["model"],
+        run["requested_method"],
+        run["seed"],
+        run["settings_key"],
+    )
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for run in runs:
+        key = (run["dataset"], run["horizon"], run["model"], run["requested_method"])
+        groups.setdefault(key, []).append(run)
+    rows = []
+    for (dataset, horizon, model, method), members in sorted(groups.items()):
+        test_mse = [r["test"]["mse"] for r in members]
+        test_mae = [r["test"]["mae"] for r in members]
+        val_mse = [r["val"]["mse"] for r in members]
+        rows.append(
+            {
+                "dataset": dataset,
+                "horizon": horizon,
+                "model": model,
+                "method": method,
+                "methods_used": sorted({r["method_used"] for r in members}),
+                "seeds": sorted(r["seed"] for r in members),
+                "test_mse_mean": mean_std(test_mse)[0],
+                "test_mse_std": mean_std(test_mse)[1],
+                "test_mae_mean": mean_std(test_mae)[0],
+                "test_mae_std": mean_std(test_mae)[1],
+                "val_mse_mean": mean_std(val_mse)[0],
+                "val_mse_std": mean_std(val_mse)[1],
+                "seconds_mean": statistics.fmean(r["seconds"] for r in members),
+                "epochs_mean": statistics.fmean(r["epochs_run"] for r in members),
+            }
+        )
+    return rows
+
+
+def targets(rows: list[dict[str, Any]], baselines: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"feedback_within_3pct_of_bptt": {}}
+    index = {(r["dataset"], r["horizon"], r["model"], r["method"]): r for r in rows}
+    for (dataset, horizon, model, method), row in index.items():
+        if method != "feedback":
+            continue
+        bptt = index.get((dataset, horizon, model, "bptt"))
+        if bptt is None:
+            continue
+        ratio = row["test_mse_mean"] / bptt["test_mse_mean"]
+        out["feedback_within_3pct_of_bptt"][f"{dataset}/H{horizon}/{model}"] = {
+            "feedback": round(row["test_mse_mean"], 5),
+            "bptt": round(bptt["test_mse_mean"], 5),
+            "ratio": round(ratio, 4),
+            "met": ratio <= 1.03,
+        }
+    h1 = [r for r in rows if r["dataset"] == "ETTh1" and r["horizon"] == 96]
+    if h1:
+        best = min(h1, key=lambda r: r["test_mse_mean"])
+        chosen = min(h1, key=lambda r: r["val_mse_mean"])
+        out["ETTh1_H96_best_le_0.053"] = {
+            "best_test_mean": round(best["test_mse_mean"], 5),
+            "best": f"{best['model']}/{best['method']}",
+            "met": best["test_mse_mean"] <= 0.053,
+            "selected_on_val": f"{chosen['model']}/{chosen['method']}",
+            "selected_test_mean": round(chosen["test_mse_mean"], 5),
+            "selected_met": chosen["test_mse_mean"] <= 0.053,
+        }
+        rl = baselines.get("ETTh1/96", {}).get("repeat_last")
+        if rl:
+            out["ETTh1_H96_repeat_last"] = round(rl["mse"], 5)
+    return out
+
+
+def fmt(mean: float, std: float) -> str:
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    s = payload["settings"]
+    rows, baselines = payload["summary"], payload["baselines"]
+    lines = [
+        "# ETT univariate (OT): test MSE / MAE on the standard protocol",
+        "",
+        f"**Reduced CPU settings**: look-back {s['lookback']}, hidden {s['hidden']}, "
+        f"batch {s['batch_size']}, lr {s['lr']}, at most {s['epochs']} epochs of "
+        f"{s['max_windows'] or 'all'} training windows each (random subsample per epoch), "
+        f"early stopping on validation loss with patience {s['patience']}; "
+        f"{s['threads']} torch thread(s). All val/test windows are scored (exported ONNX model, "
+        "z-scored on train). Mean ± std over seeds. Wall time of all runs (train + export + "
+        f"evaluation): {payload.get('total_run_seconds_all_invocations', 0):.0f} s.",
+        "",
+        "| dataset | H | model | method | seeds | test MSE | test MAE | val MSE | epochs | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        used = (
+            "" if r["methods_used"] == [r["method"]] else f" (used {','.join(r['methods_used'])})"
+        )
+        lines.append(
+            f"| {r['dataset']} | {r['horizon']} | {r['model']} | {r['method']}{used} | "
+            f"{len(r['seeds'])} | {fmt(r['test_mse_mean'], r['test_mse_std'])} | "
+            f"{fmt(r['test_mae_mean'], r['test_mae_std'])} | "
+            f"{fmt(r['val_mse_mean'], r['val_mse_std'])} | {r['epochs_mean']:.1f} | "
+            f"{r['seconds_mean']:.0f} |"
+        )
+    lines += [
+        "",
+        "Baselines and published univariate MSE (same protocol; published numbers "
+        f"from {PUBLISHED_SOURCE}):",
+        "",
+        "| dataset | H | repeat-last | seasonal naive | selected on val (ours, test) | "
+        "PatchTST/64 | PatchTST/42 | DLinear |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(baselines, key=lambda k: (k.split("/")[0], int(k.split("/")[1]))):
+        dataset, horizon = key.split("/")[0], int(key.split("/")[1])
+        b = baselines[key]
+        group = [r for r in rows if r["dataset"] == dataset and r["horizon"] == horizon]
+        chosen = min(group, key=lambda r: r["val_mse_mean"]) if group else None
+        sel = (
+            f"{chosen['test_mse_mean']:.4f} ({chosen['model']}/{chosen['method']})"
+            if chosen
+            else "–"
+        )
+        pub = [PUBLISHED[m].get(dataset, {}).get(horizon) for m in PUBLISHED]
+        lines.append(
+            f"| {dataset} | {horizon} | {b['repeat_last']['mse']:.4f} | "
+            f"{b['seasonal_naive']['mse']:.4f} | {sel} | "
+            + " | ".join(f"{p[0]:.3f}" if p else "–" for p in pub)
+            + " |"
+        )
+    lines += [
+        "",
+        "NLinear: not listed (its univariate numbers could not be verified against the "
+        "source table here).",
+        "",
+        "Targets: " + json.dumps(payload["targets"]),
+    ]
+    if payload.get("not_run"):
+        lines += ["", "Not run: " + payload["not_run"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--horizons", nargs="+", type=int, default=list(HORIZONS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--methods", nargs="+", default=["feedback", "bptt"], choices=["feedback", "bptt"]
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--max-windows", type=int, default=None, help="train windows per epoch")
+    parser.add_argument("--lookback", type=int, default=336)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--append", action="store_true", help="keep the runs already in ett.json")
+    parser.add_argument("--not-run", default="", help="text for the table: what was not run")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    settings = {
+        "lookback": args.lookback,
+        "hidden": args.hidden,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "max_windows": args.max_windows,
+        "threads": args.threads,
+    }
+    settings_key = json.dumps(settings, sort_keys=True)
+    runs: list[dict[str, Any]] = []
+    baselines: dict[str, Any] = {}
+    json_path = RESULTS_DIR / f"{NAME}.json"
+    if args.append and json_path.exists():
+        old = json.loads(json_path.read_text())
+        runs = [r for r in old.get("runs", []) if r["settings_key"] == settings_key]
+        dropped = len(old.get("runs", [])) - len(runs)
+        if dropped:
+            print(f"--append: dropped {dropped} earlier runs made with other settings")
+        baselines = old.get("baselines", {})
+    done = {run_key(r) for r in runs}
+    work = Path(tempfile.mkdtemp(prefix="ett_bench_"))
+    started = time.perf_counter()
+
+    def flush() -> None:
+        rows = aggregate(runs)
+        payload = {
+            "settings": settings,
+            "protocol": "../shared/data/README.md §1 (all test windows)",
+            "published_source": PUBLISHED_SOURCE,
+            "published": {
+                m: {d: {str(h): v for h, v in hs.items()} for d, hs in ds.items()}
+                for m, ds in PUBLISHED.items()
+            },
+            "load_average_now": [round(v, 2) for v in os.getloadavg()],
+            "elapsed_seconds_this_invocation": round(time.perf_counter() - started, 1),
+            "total_run_seconds_all_invocations": round(sum(r["seconds"] for r in runs), 1),
+            "not_run": args.not_run,
+            "summary": rows,
+            "baselines": baselines,
+            "targets": targets(rows, baselines),
+            "runs": runs,
+        }
+        write_results(NAME, payload, markdown(payload))
+
+    try:
+        for dataset in args.datasets:
+            for horizon in args.horizons:
+                prepared = None
+                for seed in args.seeds:  # seeds outermost: a partial run has all methods per seed
+                    for model in args.models:
+                        for method in args.methods:
+                            if method == "feedback" and model not in FEEDBACK_MODELS:
+                                continue
+                            key_run = {
+                                "dataset": dataset,
+                                "horizon": horizon,
+                                "model": model,
+                                "requested_method": method,
+                                "seed": seed,
+                                "settings_key": settings_key,
+                            }
+                            if run_key(key_run) in done:
+                                continue
+                            out_dir = work / f"{dataset}_{horizon}_{model}_{method}_{seed}"
+                            config = build_config(
+                                args, dataset, horizon, model, method, seed, out_dir
+                            )
+                            if prepared is None:
+                                prepared = prepare(config)
+                                base = evaluate_baselines(prepared, horizon)
+                                baselines[f"{dataset}/{horizon}"] = {
+                                    **base,
+                                    "gate": prepared.decision.method,
+                                    "differences": prepared.decision.differences,
+                                }
+                            t0 = time.perf_counter()
+                            outcome = run_training(
+                                config,
+                                method=method,
+                                out_dir=out_dir,
+                                resume=False,
+                                prepared=prepared,
+                            )
+                            seconds = time.perf_counter() - t0
+                            history = outcome.history
+                            run = {
+                                **key_run,
+                                "method_used": outcome.method,
+                                "method_reason": outcome.method_reason,
+                                "test": outcome.evaluations["test"],
+                                "val": outcome.evaluations["val"],
+                                "seconds": round(seconds, 1),
+                                "epochs_run": len(history.epochs),
+                                "best_epoch": history.best_epoch,
+                                "best_val_loss": history.best_val_loss,
+                                "val_losses": [round(v, 5) for v in history.val_losses],
+                                "spectral_radius": [e.spectral_radius for e in history.epochs],
+                            }
+                            runs.append(run)
+                            done.add(run_key(run))
+                            print(
+                                f"{dataset} H={horizon} {model}/{method} seed {seed}: test MSE "
+                                f"{run['test']['mse']:.4f} MAE {run['test']['mae']:.4f} val "
+                                f"{run['val']['mse']:.4f} ({seconds:.0f}s, "
+                                f"{run['epochs_run']} ep, used {outcome.method})",
+                                flush=True,
+                            )
+                            flush()
+                            shutil.rmtree(out_dir, ignore_errors=True)
+    finally:
+        if baselines or runs:
+            flush()
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        markdown(
+            {
+                "settings": settings,
+                "summary": aggregate(runs),
+                "baselines": baselines,
+                "targets": targets(aggregate(runs), baselines),
+                "total_run_seconds_all_invocations": round(sum(r["seconds"] for r in runs), 1),
+                "not_run": args.not_run,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

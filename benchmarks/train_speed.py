@@ -1,0 +1,379 @@
+"""Seconds per training step and peak memory: fixed feedback vs BPTT (issue 12, Benchmarks).
+
+Question: how long does one gradient step (`forecaster.training.gradients.compute_gradients`,
+zero-grad included, optimizer step excluded) take for the MI-GRU and the LMN trained by fixed
+feedback (d = `estimate_feedback` jacobian_mean at the initial parameters) and by full BPTT, and
+for the registry's `gru` (`torch.nn.GRU`, fused kernel) trained by BPTT, at batch 32, H = 96,
+T in {336, 720, 1440}, hidden in {64, 256}? Targets (CPU): feedback >= 2x BPTT at T = 720, h = 64;
+never slower at any size; peak memory <= 1.2x BPTT's; MI-GRU feedback step no slower than
+nn.GRU's fused BPTT step at h = 64. BPTT's step time must grow linearly in T (1440/720 ~ 2).
+
+Timing: per size, every variant gets one warm-up step, then `--rounds` timed rounds in which the
+variants run round-robin (interleaved, so background noise hits all of them alike); median and
+min per variant. All variants see the same input/target tensors (seeded standard normal, 1
+feature; the step cost does not depend on the values).
+
+Peak memory: each (model, method, size) runs in a fresh subprocess (same thread count, fixed
+MALLOC_MMAP_THRESHOLD_ so large tensors are returned to the OS on free): one warm-up step, then
+malloc_trim and a reset of the kernel's RSS high-water mark (/proc/self/clear_refs, Linux >= 4.0),
+then a second step; reported: VmHWM after it minus VmRSS before it. `--memory-only` re-measures
+the memory columns of an existing train_speed.json and keeps its timings.
+
+Writes benchmarks/results/train_speed.json and .md. Run: python benchmarks/train_speed.py
+(`--quick`: T in {336, 720}, h = 64 only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from _common import write_results  # noqa: E402
+
+from forecaster.config import FeedbackConfig  # noqa: E402
+from forecaster.losses import ForecastLoss  # noqa: E402
+from forecaster.models.registry import build  # noqa: E402
+from forecaster.training.feedback import estimate_feedback  # noqa: E402
+from forecaster.training.gradients import compute_gradients  # noqa: E402
+
+BATCH = 32
+HORIZON = 96
+CELLS = ("mi_gru", "lmn")
+MEMORY_METHOD = (
+    "fresh subprocess per (model, method, size), MALLOC_MMAP_THRESHOLD_=131072: one warm-up "
+    "step, malloc_trim, reset of the kernel high-water mark (/proc/self/clear_refs), then "
+    "VmHWM after a second step minus VmRSS before it (the step's transient peak, grads included)"
+)
+
+
+def make_case(name: str, hidden: int, steps: int, seed: int = 0) -> dict[str, Any]:
+    """Model, the shared batch, the loss and (for feedback-capable models) the fixed feedback."""
+    torch.manual_seed(seed)
+    model = build(name, 1, hidden, HORIZON)
+    gen = torch.Generator().manual_seed(1234 + steps)  # same data for every model at this T
+    x = torch.randn(BATCH, steps, 1, generator=gen)
+    y = torch.randn(BATCH, steps, HORIZON, generator=gen)
+    mask = torch.ones(BATCH, steps, HORIZON)
+    d = None
+    if model.supports_feedback:
+        d = estimate_feedback(model, [x], FeedbackConfig(kind="jacobian_mean")).d
+    return {"model": model, "x": x, "y": y, "mask": mask, "loss": ForecastLoss(), "d": d}
+
+
+def step_fn(method: str, case: dict[str, Any]) -> Callable[[], None]:
+    model = case["model"]
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        compute_gradients(
+            method, model, case["x"], case["y"], case["mask"], case["loss"], d=case["d"]
+        )
+
+    return step
+
+
+def interleaved(variants: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    for fn in variants.values():  # warm-up: scripting, allocator, first-touch
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for key, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_child(name: str, method: str, hidden: int, steps: int, threads: int) -> None:
+    """Subprocess body: print the peak RSS above the pre-step baseline (MB) of one training step.
+
+    One warm-up step (scripting, first-touch), then the allocator is trimmed, the kernel's
+    high-water mark is reset (`/proc/self/clear_refs` <- 5, Linux >= 4.0) and a second step runs;
+    the result is VmHWM after it minus VmRSS before it. The parent sets a fixed
+    `MALLOC_MMAP_THRESHOLD_` so large tensors are mmapped and returned on free (RSS then follows
+    live memory instead of glibc's retained heap).
+    """
+    import ctypes
+    import gc
+
+    torch.set_num_threads(threads)
+    case = make_case(name, hidden, steps)
+    step = step_fn(method, case)
+    step()
+    case["model"].zero_grad(set_to_none=True)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_mb("VmRSS")
+    step()
+    peak = _status_mb("VmHWM")
+    print(json.dumps({"peak_mb": peak - base, "base_mb": base}))
+
+
+def peak_mb(name: str, method: str, hidden: int, steps: int, threads: int) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--_peak",
+            name,
+            method,
+            str(hidden),
+            str(steps),
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return round(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"], 1)
+
+
+def fill_memory(entries: list[dict[str, Any]], threads: int) -> None:
+    """Peak memory per (model, method, size), each in a fresh subprocess; nn.GRU once per size."""
+    gru_peaks: dict[tuple[int, int], float] = {}
+    for entry in entries:
+        for method in ("bptt", "feedback"):
+            entry[f"peak_mb_{method}"] = peak_mb(
+                entry["model"], method, entry["hidden"], entry["T"], threads
+            )
+        entry["peak_ratio"] = round(entry["peak_mb_feedback"] / max(entry["peak_mb_bptt"], 0.1), 2)
+        size = (entry["hidden"], entry["T"])
+        if size not in gru_peaks:
+            gru_peaks[size] = peak_mb("gru", "bptt", entry["hidden"], entry["T"], threads)
+        entry["peak_mb_nn_gru"] = gru_peaks[size]
+        print(
+            f"memory {entry['model']} h={entry['hidden']} T={entry['T']}: bptt "
+            f"{entry['peak_mb_bptt']} MB, feedback {entry['peak_mb_feedback']} MB, nn.GRU "
+            f"{entry['peak_mb_nn_gru']} MB",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T in {336, 720}, h = 64 only")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per size (>= 5)")
+    parser.add_argument("--rounds-large", type=int, default=5, help="rounds at T=1440, h=256")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="re-measure peak memory for the entries of the existing JSON",
+    )
+    parser.add_argument("--_peak", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._peak:
+        name, method, hidden, steps = args._peak
+        peak_child(name, method, int(hidden), int(steps), args.threads)
+        return
+    if min(args.rounds, args.rounds_large) < 5:
+        parser.error("at least 5 timed rounds")
+    torch.set_num_threads(args.threads)
+    if args.memory_only:
+        memory_only(args.threads)
+        return
+    if torch.cuda.is_available():
+        print("note: CUDA present but this script times the CPU only", file=sys.stderr)
+    lengths = (336, 720) if args.quick else (336, 720, 1440)
+    hiddens = (64,) if args.quick else (64, 256)
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    started = time.perf_counter()
+    entries: list[dict[str, Any]] = []
+    for hidden in hiddens:
+        for steps in lengths:
+            rounds = args.rounds_large if (steps == 1440 and hidden == 256) else args.rounds
+            cases = {name: make_case(name, hidden, steps) for name in CELLS}
+            cases["gru"] = make_case("gru", hidden, steps)
+            variants: dict[str, Callable[[], None]] = {}
+            for name in CELLS:
+                variants[f"{name}/bptt"] = step_fn("bptt", cases[name])
+                variants[f"{name}/feedback"] = step_fn("feedback", cases[name])
+            variants["gru/bptt"] = step_fn("bptt", cases["gru"])
+            t0 = time.perf_counter()
+            times = interleaved(variants, rounds)
+            gru = times["gru/bptt"]
+            for name in CELLS:
+                bp, fb = times[f"{name}/bptt"], times[f"{name}/feedback"]
+                entry = {
+                    "device": "cpu",
+                    "model": name,
+                    "hidden": hidden,
+                    "T": steps,
+                    "rounds": rounds,
+                    "bptt_s": round(statistics.median(bp), 4),
+                    "bptt_min_s": round(min(bp), 4),
+                    "feedback_s": round(statistics.median(fb), 4),
+                    "feedback_min_s": round(min(fb), 4),
+                    "speedup": round(statistics.median(bp) / statistics.median(fb), 3),
+                    "speedup_min": round(min(bp) / min(fb), 3),
+                    "nn_gru_s": round(statistics.median(gru), 4),
+                    "nn_gru_min_s": round(min(gru), 4),
+                    "spectral_radius_d": round(float(cases[name]["d"].abs().max()), 4),
+                }
+                entries.append(entry)
+                print(
+                    f"{name:7s} h={hidden:3d} T={steps:4d}  bptt {entry['bptt_s']:.3f}  "
+                    f"feedback {entry['feedback_s']:.3f}  x{entry['speedup']:.2f}  "
+                    f"nn.GRU {entry['nn_gru_s']:.3f}  ({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
+            del cases, variants
+    timing_s = time.perf_counter() - started
+    load_after_timing = [round(v, 2) for v in os.getloadavg()]
+    if not args.no_memory:
+        fill_memory(entries, args.threads)
+    ratios = {}
+    for name in CELLS:
+        for hidden in hiddens:
+            by_t = {e["T"]: e for e in entries if e["model"] == name and e["hidden"] == hidden}
+            if 720 in by_t and 1440 in by_t:
+                ratios[f"{name}_h{hidden}"] = round(by_t[1440]["bptt_s"] / by_t[720]["bptt_s"], 2)
+            if 336 in by_t and 720 in by_t:
+                ratios[f"{name}_h{hidden}_720_over_336"] = round(
+                    by_t[720]["bptt_s"] / by_t[336]["bptt_s"], 2
+                )
+    targets = targets_report(entries)
+    payload = {
+        "settings": {
+            "batch": BATCH,
+            "horizon": HORIZON,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "rounds_t1440_h256": args.rounds_large,
+            "quick": args.quick,
+            "feedback_d": "estimate_feedback jacobian_mean (initial params)",
+            "memory_method": MEMORY_METHOD,
+            "load_average_start": load_start,
+            "load_average_after_timing": load_after_timing,
+            "timing_seconds": round(timing_s, 1),
+            "total_seconds": round(time.perf_counter() - started, 1),
+        },
+        "entries": entries,
+        "bptt_ratio_1440_over_720": ratios,
+        "targets": targets,
+    }
+    write_results("train_speed", payload, markdown(payload))
+    print(markdown(payload))
+
+
+def memory_only(threads: int) -> None:
+    """Re-measure the memory columns of benchmarks/results/train_speed.json, keeping its timings."""
+    from _common import RESULTS_DIR
+
+    old = json.loads((RESULTS_DIR / "train_speed.json").read_text())
+    entries = old["entries"]
+    fill_memory(entries, threads)
+    payload = {k: old[k] for k in ("settings", "bptt_ratio_1440_over_720")}
+    payload["settings"]["memory_method"] = MEMORY_METHOD
+    payload["settings"]["timing_run"] = {
+        "command": old.get("timing_run", {}).get("command", old["command"]),
+        "date": old.get("timing_run", {}).get("date", old["date"]),
+        "machine": old.get("timing_run", {}).get("machine", old["machine"]),
+    }
+    payload["entries"] = entries
+    payload["targets"] = targets_report(entries)
+    write_results("train_speed", payload, markdown(payload))
+    print(markdown(payload))
+
+
+def targets_report(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    main = [e for e in entries if e["model"] == "mi_gru" and e["hidden"] == 64 and e["T"] == 720]
+    if main:
+        out["feedback_2x_at_T720_h64_mi_gru"] = {
+            "speedup": main[0]["speedup"],
+            "met": main[0]["speedup"] >= 2,
+        }
+    lmn = [e for e in entries if e["model"] == "lmn" and e["hidden"] == 64 and e["T"] == 720]
+    if lmn:
+        out["feedback_2x_at_T720_h64_lmn"] = {
+            "speedup": lmn[0]["speedup"],
+            "met": lmn[0]["speedup"] >= 2,
+        }
+    slower = [f"{e['model']} h={e['hidden']} T={e['T']}" for e in entries if e["speedup"] < 1]
+    out["never_slower"] = {"met": not slower, "slower_at": slower}
+    if all("peak_ratio" in e for e in entries):
+        over = [
+            f"{e['model']} h={e['hidden']} T={e['T']} ({e['peak_ratio']}x)"
+            for e in entries
+            if e["peak_ratio"] > 1.2
+        ]
+        out["peak_memory_le_1.2x"] = {"met": not over, "over_at": over}
+    gru64 = [e for e in entries if e["model"] == "mi_gru" and e["hidden"] == 64]
+    out["mi_gru_feedback_le_nn_gru_h64"] = {
+        f"T{e['T']}": {
+            "feedback_s": e["feedback_s"],
+            "nn_gru_s": e["nn_gru_s"],
+            "met": e["feedback_s"] <= e["nn_gru_s"],
+        }
+        for e in gru64
+    }
+    return out
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    s = payload["settings"]
+    lines = [
+        "# Training step time: fixed feedback vs BPTT (CPU)",
+        "",
+        f"Batch {s['batch']}, H = {s['horizon']}, {s['threads']} torch thread(s); median (min) "
+        f"seconds per step over {s['rounds']} interleaved rounds after one warm-up "
+        f"({s['rounds_t1440_h256']} at T = 1440, h = 256). Peak memory: {s['memory_method']}. "
+        f"Load average at start {s['load_average_start']}, after timing "
+        f"{s['load_average_after_timing']}.",
+        "",
+        "| model | h | T | BPTT s | feedback s | speedup | nn.GRU BPTT s | peak MB BPTT | "
+        "peak MB feedback | mem ratio | peak MB nn.GRU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if "timing_run" in s:
+        run = s["timing_run"]
+        lines.insert(
+            4,
+            f"Timings from `{run['command']}` at {run['date']}; memory columns "
+            "re-measured by `--memory-only` (this file's command).\n",
+        )
+    for e in payload["entries"]:
+        lines.append(
+            f"| {e['model']} | {e['hidden']} | {e['T']} | {e['bptt_s']:.3f} ({e['bptt_min_s']:.3f})"
+            f" | {e['feedback_s']:.3f} ({e['feedback_min_s']:.3f}) | {e['speedup']:.2f}x"
+            f" | {e['nn_gru_s']:.3f} ({e['nn_gru_min_s']:.3f}) | {e.get('peak_mb_bptt', '–')}"
+            f" | {e.get('peak_mb_feedback', '–')} | {e.get('peak_ratio', '–')}"
+            f" | {e.get('peak_mb_nn_gru', '–')} |"
+        )
+    lines += [
+        "",
+        "BPTT step-time ratios (linear in T means 1440/720 ≈ 2, 720/336 ≈ 2.1): "
+        + ", ".join(f"{k} {v}" for k, v in payload["bptt_ratio_1440_over_720"].items()),
+        "",
+        "Targets: " + json.dumps(payload["targets"]),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
