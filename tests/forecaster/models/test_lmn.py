@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torch_helpers import ScriptedLoop, StepModule
 
 from forecaster.errors import ModelError
 from forecaster.models.lmn import (
@@ -43,31 +44,6 @@ def _low_rank_sequences(seed: int = 0) -> list[Tensor]:
 
 def _as_rows(sequences: list[Tensor]) -> list[Tensor]:
     return [s.T.contiguous() for s in sequences]  # [T_i, k]
-
-
-class _Step(nn.Module):
-    """`model.step` as a module's forward, for `functional_call`."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
-        return self.model.step(x, s)
-
-
-class _ScriptedLoop(nn.Module):
-    """A time-major loop over `recur`, as the exporter scripts it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
-        a = self.model.project_inputs(x)  # [T, B, P]
-        for t in range(a.size(0)):
-            s = self.model.recur(a[t], s)
-        return self.model.readout(s)
 
 
 def _lmn(memory_size: int = 6, dtype: torch.dtype = F64, **kwargs: object) -> LMN:
@@ -144,7 +120,7 @@ def test_cell_passes_gradcheck(cls: type) -> None:
     with torch.no_grad():
         if isinstance(model, LMN):
             model.memory.bias.normal_()
-    wrapper = _Step(model)
+    wrapper = StepModule(model)
     names = [name for name, _ in wrapper.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
     x = torch.randn(2, 2, dtype=F64, requires_grad=True)
@@ -158,7 +134,7 @@ def test_cell_passes_gradcheck(cls: type) -> None:
 
 def test_cell_scripts_and_matches_forecast() -> None:
     model = _lmn()
-    scripted = torch.jit.script(_ScriptedLoop(model))
+    scripted = torch.jit.script(ScriptedLoop(model))
     x = _inputs()
     out = scripted(x.transpose(0, 1).contiguous(), model.initial_state(BATCH))
     torch.testing.assert_close(out, model.forecast(x), atol=1e-12, rtol=0)

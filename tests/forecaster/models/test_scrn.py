@@ -4,38 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torch_helpers import ScriptedLoop, StepModule
 
 from forecaster.errors import ModelError
 from forecaster.models.scrn import SCRN, SCRNConfig
 
 F64 = torch.float64
 BATCH, STEPS, FEATURES, HIDDEN, CONTEXT, HORIZON = 3, 7, 4, 5, 3, 2
-
-
-class _Step(nn.Module):
-    """`model.step` as a module's forward, for `functional_call`."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
-        return self.model.step(x, s)
-
-
-class _ScriptedLoop(nn.Module):
-    """A time-major loop over `recur`, as the exporter scripts it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
-        a = self.model.project_inputs(x)  # [T, B, P]
-        for t in range(a.size(0)):
-            s = self.model.recur(a[t], s)
-        return self.model.readout(s)
 
 
 def _scrn(alpha: float = 0.95, activation: str = "sigmoid", dtype: torch.dtype = F64) -> SCRN:
@@ -176,7 +152,7 @@ def test_batched_recompute_equals_the_loop(dtype: torch.dtype, tol: float) -> No
 def test_cell_passes_gradcheck(activation: str) -> None:
     torch.manual_seed(0)
     model = SCRN(SCRNConfig(3, 2, 0.7, activation), 2, HORIZON).double()  # type: ignore[arg-type]
-    wrapper = _Step(model)
+    wrapper = StepModule(model)
     names = [name for name, _ in wrapper.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
     x = torch.randn(2, 2, dtype=F64, requires_grad=True)
@@ -205,6 +181,6 @@ def test_state_jacobian_has_the_block_form() -> None:
 
 def test_cell_scripts_and_matches_forecast() -> None:
     model, x = _scrn(), _inputs()
-    scripted = torch.jit.script(_ScriptedLoop(model))
+    scripted = torch.jit.script(ScriptedLoop(model))
     out = scripted(x.transpose(0, 1).contiguous(), model.initial_state(BATCH))
     torch.testing.assert_close(out, model.forecast(x), atol=1e-12, rtol=0)

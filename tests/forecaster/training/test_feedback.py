@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from torch import Tensor, nn
+from torch_helpers import max_grad_diff, parameter_grads, random_batch
 
 from forecaster.config import FeedbackConfig
 from forecaster.errors import ModelError
@@ -77,34 +78,19 @@ def _model(name: str, params: dict[str, object], seed: int = 0) -> RecurrentFore
 
 
 def _data(steps: int = T, seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, steps, D, generator=generator, dtype=F64)
-    target = torch.randn(B, steps, HORIZON, generator=generator, dtype=F64)
-    mask = torch.rand(B, steps, HORIZON, generator=generator) > 0.2
-    return x, target, mask
-
-
-def _grads(model: nn.Module) -> dict[str, Tensor]:
-    return {
-        name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-        for name, p in model.named_parameters()
-    }
-
-
-def _max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return random_batch(B, steps, D, HORIZON, seed)
 
 
 def _feedback(model: RecurrentForecaster, x: Tensor, y: Tensor, m: Tensor, d: Tensor, **kw: object):
     model.zero_grad(set_to_none=True)
     loss = feedback_gradients(model, x, y, m, ForecastLoss(burn_in=0), d, **kw)  # type: ignore[arg-type]
-    return loss, _grads(model)
+    return loss, parameter_grads(model)
 
 
 def _bptt(model: RecurrentForecaster, x: Tensor, y: Tensor, m: Tensor, **kw: object):
     model.zero_grad(set_to_none=True)
     loss = bptt_gradients(model, x, y, m, ForecastLoss(burn_in=0), **kw)  # type: ignore[arg-type]
-    return loss, _grads(model)
+    return loss, parameter_grads(model)
 
 
 def _cosine(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
@@ -220,7 +206,7 @@ def test_o9_single_step_feedback_equals_bptt(name: str, params: dict[str, object
     loss_f, grads_f = _feedback(model, x, y, m, d, s0=s0)
     loss_b, grads_b = _bptt(model, x, y, m, s0=s0)
     assert abs(loss_f.item() - loss_b.item()) <= 1e-12
-    assert _max_diff(grads_f, grads_b) <= 1e-10
+    assert max_grad_diff(grads_f, grads_b) <= 1e-10
 
 
 @pytest.mark.parametrize("scan", SCANS)
@@ -230,7 +216,7 @@ def test_o10_diagonal_linear_cell_with_d_equal_lambda_equals_bptt(scan: str) -> 
     x, y, m = _data(steps=50)
     _, grads_f = _feedback(model, x, y, m, model.decay.detach().clone(), scan=scan)
     _, grads_b = _bptt(model, x, y, m)
-    assert _max_diff(grads_f, grads_b) <= 1e-10
+    assert max_grad_diff(grads_f, grads_b) <= 1e-10
     assert grads_b["decay"].abs().max().item() > 1e-3  # the recurrence does get a gradient
 
 
@@ -242,7 +228,7 @@ def test_o10_scrn_without_p_and_r_with_d_alpha_on_context_equals_bptt() -> None:
     d = torch.cat([torch.full((3,), 0.9, dtype=F64), torch.zeros(HID, dtype=F64)])
     _, grads_f = _feedback(model, x, y, m, d)
     _, grads_b = _bptt(model, x, y, m)
-    assert _max_diff(grads_f, grads_b) <= 1e-10
+    assert max_grad_diff(grads_f, grads_b) <= 1e-10
     assert grads_b["context_weight"].abs().max().item() > 1e-4
 
 
@@ -256,7 +242,7 @@ def _fully_truncated_bptt(model: RecurrentForecaster, x: Tensor, y: Tensor, m: T
         states.append(s)
     loss = ForecastLoss(burn_in=0)(model.readout(torch.stack(states, 1)), y, m)
     loss.backward()
-    return loss.detach(), _grads(model)
+    return loss.detach(), parameter_grads(model)
 
 
 @pytest.mark.parametrize(("name", "params"), FEEDBACK_MODELS, ids=MODEL_IDS)
@@ -269,7 +255,7 @@ def test_o11_zero_feedback_equals_fully_truncated_bptt(
     loss_f, grads_f = _feedback(model, x, y, m, d)
     loss_t, grads_t = _fully_truncated_bptt(model, x, y, m)
     assert abs(loss_f.item() - loss_t.item()) <= 1e-12
-    assert _max_diff(grads_f, grads_t) <= 1e-10
+    assert max_grad_diff(grads_f, grads_t) <= 1e-10
 
 
 @pytest.mark.parametrize(("name", "params"), FEEDBACK_MODELS, ids=MODEL_IDS)
@@ -284,11 +270,11 @@ def test_o13_no_grad_forward_and_blocked_recompute_match_the_model(
     delta = torch.randn(B, T, model.state_size, dtype=F64)
     model.zero_grad(set_to_none=True)
     model.recompute_states(x, states[:, :-1]).backward(delta)
-    one_call = _grads(model)
+    one_call = parameter_grads(model)
     for rows in (1, 2 * B, 5 * B + 1):  # 1 step, 2 steps, 5 steps per block (ragged tail)
         model.zero_grad(set_to_none=True)
         batched_cell_backward(model, x, states[:, :-1], delta, block_rows=rows)
-        assert _max_diff(_grads(model), one_call) <= 1e-12, rows
+        assert max_grad_diff(parameter_grads(model), one_call) <= 1e-12, rows
 
 
 def test_o13_float32_scripted_forward_matches_run_states() -> None:
@@ -443,12 +429,12 @@ def _cosines(model: RecurrentForecaster, x: Tensor, y: Tensor, m: Tensor, ds: di
     loss_fn = ForecastLoss(eta=1.0, burn_in=0)
     model.zero_grad(set_to_none=True)
     bptt_gradients(model, x, y, m, loss_fn)
-    reference = _grads(model)
+    reference = parameter_grads(model)
     out = {}
     for label, d in ds.items():
         model.zero_grad(set_to_none=True)
         feedback_gradients(model, x, y, m, loss_fn, d)
-        out[label] = _cosine(_grads(model), reference)
+        out[label] = _cosine(parameter_grads(model), reference)
     return out
 
 
@@ -529,4 +515,4 @@ def test_time_varying_exact_diagonal_feedback_equals_bptt_for_the_diagonal_cell(
     d = model.decay.detach().expand(B, 20, HID).clone()  # per-step ablation of §5.3 item 4
     _, grads_f = _feedback(model, x, y, m, d, scan="associative")
     _, grads_b = _bptt(model, x, y, m)
-    assert _max_diff(grads_f, grads_b) <= 1e-10
+    assert max_grad_diff(grads_f, grads_b) <= 1e-10

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from torch import Tensor, nn
+from torch_helpers import max_grad_diff, parameter_grads, random_batch
 
 from forecaster.config import FeedbackConfig
 from forecaster.errors import ModelError
@@ -44,22 +45,7 @@ def _model(name: str, params: dict[str, object], seed: int = 0) -> RecurrentFore
 
 
 def _data(steps: int = T, seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, steps, D, generator=generator, dtype=F64)
-    target = torch.randn(B, steps, HORIZON, generator=generator, dtype=F64)
-    mask = torch.rand(B, steps, HORIZON, generator=generator) > 0.2
-    return x, target, mask
-
-
-def _grads(model: nn.Module) -> dict[str, Tensor]:
-    return {
-        name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-        for name, p in model.named_parameters()
-    }
-
-
-def _max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return random_batch(B, steps, D, HORIZON, seed)
 
 
 LOSS = ForecastLoss(eta=1.0, gamma=0.5, burn_in=1)
@@ -68,7 +54,7 @@ LOSS = ForecastLoss(eta=1.0, gamma=0.5, burn_in=1)
 def _run(method: str, model: RecurrentForecaster, x: Tensor, y: Tensor, m: Tensor, **kw: object):
     model.zero_grad(set_to_none=True)
     loss = compute_gradients(method, model, x, y, m, LOSS, **kw)  # type: ignore[arg-type]
-    return loss, _grads(model)
+    return loss, parameter_grads(model)
 
 
 def _segment_reference(model: RecurrentForecaster, x: Tensor, y: Tensor, m: Tensor, length: int):
@@ -82,7 +68,7 @@ def _segment_reference(model: RecurrentForecaster, x: Tensor, y: Tensor, m: Tens
         s = states[:, -1]
     loss = LOSS(model.readout(torch.cat(pieces, dim=1)), y, m)
     loss.backward()
-    return loss.detach(), _grads(model)
+    return loss.detach(), parameter_grads(model)
 
 
 @pytest.mark.parametrize(("name", "params"), MODELS, ids=MODEL_IDS)
@@ -109,7 +95,7 @@ def test_tbptt_with_truncation_at_least_t_equals_bptt(
     loss_t, grads_t = _run("tbptt", model, x, y, m, truncation=truncation)
     loss_b, grads_b = _run("bptt", model, x, y, m)
     assert abs(loss_t.item() - loss_b.item()) <= 1e-14
-    assert _max_diff(grads_t, grads_b) <= 1e-12
+    assert max_grad_diff(grads_t, grads_b) <= 1e-12
 
 
 @pytest.mark.parametrize("truncation", [1, 3, 6])
@@ -122,9 +108,9 @@ def test_tbptt_segments_equal_autograd_with_detached_boundaries(
     loss_t, grads_t = _run("tbptt", model, x, y, m, truncation=truncation)
     loss_r, grads_r = _segment_reference(model, x, y, m, truncation)
     assert abs(loss_t.item() - loss_r.item()) <= 1e-14  # normalised over the whole window
-    assert _max_diff(grads_t, grads_r) <= 1e-12
+    assert max_grad_diff(grads_t, grads_r) <= 1e-12
     _, grads_b = _run("bptt", model, x, y, m)
-    assert _max_diff(grads_t, grads_b) > 1e-6  # truncation does change the gradient
+    assert max_grad_diff(grads_t, grads_b) > 1e-6  # truncation does change the gradient
 
 
 def test_tbptt_of_one_step_equals_feedback_with_zero_d() -> None:
@@ -132,7 +118,7 @@ def test_tbptt_of_one_step_equals_feedback_with_zero_d() -> None:
     x, y, m = _data()
     _, grads_t = _run("tbptt", model, x, y, m, truncation=1)
     _, grads_f = _run("feedback", model, x, y, m, d=torch.zeros(HID, dtype=F64))
-    assert _max_diff(grads_t, grads_f) <= 1e-12
+    assert max_grad_diff(grads_t, grads_f) <= 1e-12
 
 
 def test_compute_gradients_dispatches_to_each_method() -> None:
@@ -147,11 +133,11 @@ def test_compute_gradients_dispatches_to_each_method() -> None:
     }.items():
         model.zero_grad(set_to_none=True)
         call()
-        direct[method] = _grads(model)
-    assert _max_diff(_run("bptt", model, x, y, m)[1], direct["bptt"]) == 0.0
-    assert _max_diff(_run("tbptt", model, x, y, m, truncation=2)[1], direct["tbptt"]) == 0.0
-    assert _max_diff(_run("feedback", model, x, y, m, d=d)[1], direct["feedback"]) == 0.0
-    assert _max_diff(direct["feedback"], direct["bptt"]) > 1e-6  # three different gradients
+        direct[method] = parameter_grads(model)
+    assert max_grad_diff(_run("bptt", model, x, y, m)[1], direct["bptt"]) == 0.0
+    assert max_grad_diff(_run("tbptt", model, x, y, m, truncation=2)[1], direct["tbptt"]) == 0.0
+    assert max_grad_diff(_run("feedback", model, x, y, m, d=d)[1], direct["feedback"]) == 0.0
+    assert max_grad_diff(direct["feedback"], direct["bptt"]) > 1e-6  # three different gradients
 
 
 def test_gradients_accumulate_like_backward() -> None:
@@ -159,7 +145,7 @@ def test_gradients_accumulate_like_backward() -> None:
     x, y, m = _data()
     _, once = _run("feedback", model, x, y, m, d=torch.full((HID,), 0.5, dtype=F64))
     compute_gradients("feedback", model, x, y, m, LOSS, d=torch.full((HID,), 0.5, dtype=F64))
-    twice = _grads(model)
+    twice = parameter_grads(model)
     assert max((twice[k] - 2 * once[k]).abs().max().item() for k in once) <= 1e-12
 
 
@@ -202,7 +188,7 @@ def test_mixed_precision_computes_the_loss_in_float32(method: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = compute_gradients(method, model, x, y, m, LOSS, d=torch.full((HID,), 0.5))
     assert loss.dtype == torch.float32
-    grads = _grads(model)
+    grads = parameter_grads(model)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
     assert grads["cell.weight_hh"].abs().max().item() > 0
 
