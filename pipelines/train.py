@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -158,7 +158,7 @@ def train_model(
 
 
 @dataclass(frozen=True)
-class _OnnxSeriesForecaster:
+class OnnxSeriesForecaster:
     """`forecast(inputs, origins)` for `evaluate_forecaster`: model input by origin row, ONNX
     forecast on the model scale, inverted to the series' units with the fitted transform."""
 
@@ -207,7 +207,7 @@ def evaluate_session(
     for uid, frame in prepared.data.frame.groupby("unique_id", sort=False):
         name = str(uid)
         split = prepared.splits[name]
-        forecaster = _OnnxSeriesForecaster(
+        forecaster = OnnxSeriesForecaster(
             session=session,
             spec=prepared.spec.for_series(name),
             transformed=inputs.transformed[name],
@@ -248,12 +248,13 @@ def write_bundle(
     method: str,
     method_reason: str,
     history: Any,
-    metrics: dict[str, Any],
+    score: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Export the model (window + step graphs) with its preprocessing into a bundle folder.
 
     Written to a temporary sibling folder and renamed into place, replacing an older bundle
-    only once the new one is complete.
+    only once the new one is complete. `score(model_path)` evaluates the exported window model
+    in the staging folder; its result is stored as the bundle's `metrics`.
     """
     from forecaster.export import export_onnx
 
@@ -283,7 +284,7 @@ def write_bundle(
             "freq": prepared.data.freq,
             "training_method": method,
             "method_reason": method_reason,
-            "metrics": metrics,
+            "metrics": score(staging / MODEL_FILE) if score is not None else {},
             "history": history.to_dict(),
         }
         atomic_write_text(staging / METADATA_FILE, json.dumps(record, indent=2) + "\n")
@@ -333,27 +334,27 @@ def run_training(
         callbacks=callbacks,
         progress=progress,
     )
-    bundle = out / f"bundle_{requested}"
-    write_bundle(
-        bundle,
+    horizon = config.window.horizon
+    evaluations: dict[str, dict[str, float]] = {}
+
+    def score(model_path: Path) -> dict[str, Any]:
+        session = open_session(model_path)
+        for part in ("val", "test"):
+            evaluations[part] = summary(
+                evaluate_session(session, prepared, inputs, horizon, part)  # type: ignore[arg-type]
+            )
+        return evaluations
+
+    bundle = write_bundle(
+        out / f"bundle_{requested}",
         model,
         config,
         prepared,
         method=used,
         method_reason=reason,
         history=history,
-        metrics={},
+        score=score,
     )
-    session = open_session(bundle / MODEL_FILE)
-    horizon = config.window.horizon
-    evaluations = {
-        part: summary(evaluate_session(session, prepared, inputs, horizon, part))  # type: ignore[arg-type]
-        for part in ("val", "test")
-    }
-    metadata_path = bundle / METADATA_FILE
-    record = json.loads(metadata_path.read_text())
-    record["metrics"] = evaluations
-    atomic_write_text(metadata_path, json.dumps(record, indent=2) + "\n")
     return TrainOutcome(
         model=model,
         method=used,
