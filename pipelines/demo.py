@@ -21,7 +21,7 @@ import numpy.typing as npt
 from forecaster.config import Config
 from forecaster.data import ID_COL
 from forecaster.inference import forecast_step, forecast_window, initial_state, open_session
-from forecaster.transform import future_timestamps, inverse_forecast, transform
+from forecaster.transform import future_timestamps, inverse_forecast
 from pipelines.prepare import PreparedData, prepare
 from pipelines.tracking import CHAMPION, FALLBACK, open_tracking
 from pipelines.train import (
@@ -29,6 +29,7 @@ from pipelines.train import (
     STEP_MODEL_FILE,
     TrainOutcome,
     evaluate_baselines,
+    model_inputs,
     run_training,
 )
 
@@ -134,11 +135,12 @@ def _forecast_all(
     lookback, horizon = config.window.lookback, config.window.horizon
     window_session = open_session(window_path)
     step_session = open_session(step_path)
+    inputs = model_inputs(prepared)
     results = []
     for uid, frame in prepared.data.frame.groupby(ID_COL, sort=False):
         spec = prepared.spec.for_series(str(uid))
         ds = frame["ds"].to_numpy()
-        transformed = transform(spec, frame["y"].to_numpy(), ds, series_id=str(uid))
+        transformed = inputs.transformed[str(uid)]
         x = transformed.values[-lookback:].astype(np.float32)[None, :, None]  # [1, L, 1]
         z = forecast_window(window_session, x)[0]  # [H]
         # The serving path for known series: the same window fed in chunks through the step graph.

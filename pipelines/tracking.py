@@ -281,36 +281,25 @@ class _SeriesForecasts:
 def _test_forecasts(session: Any, prepared: PreparedData, horizon: int) -> list[_SeriesForecasts]:
     """Forecast every test window of every series with an ONNX window model (inverted)."""
     from forecaster.evaluation import part_windows
-    from forecaster.inference import forecast_window
-    from forecaster.transform import inverse_forecast
-    from pipelines.train import model_inputs
+    from pipelines.train import OnnxSeriesForecaster, model_inputs
 
     inputs = model_inputs(prepared)
     out = []
     for uid, frame in prepared.data.frame.groupby("unique_id", sort=False):
         name = str(uid)
-        split, spec, t = (
-            prepared.splits[name],
-            prepared.spec.for_series(name),
-            inputs.transformed[name],
-        )
+        split, spec = prepared.splits[name], prepared.spec.for_series(name)
         y, ds = frame["y"].to_numpy(np.float64), frame["ds"].to_numpy()
         windows = part_windows(y, split, horizon, part="test")
-        d, lookback = t.difference, split.lookback
-        x = np.stack([t.values[r - lookback - d : r - d] for r in windows.origins])  # [N, L]
-        z = forecast_window(session, x.astype(np.float32)[:, :, None])  # [N, H]
-        forecasts = np.stack(
-            [
-                inverse_forecast(
-                    spec,
-                    z[i].astype(np.float64),
-                    ds[r : r + horizon],
-                    t.residual[r - d : r],
-                    series_id=name,
-                )
-                for i, r in enumerate(windows.origins)
-            ]
+        forecaster = OnnxSeriesForecaster(
+            session=session,
+            spec=spec,
+            transformed=inputs.transformed[name],
+            ds=ds,
+            lookback=split.lookback,
+            horizon=horizon,
+            name=name,
         )
+        forecasts = forecaster(windows.inputs, windows.origins)
         periods = [p.period for p in spec.seasonality.profiles]
         out.append(
             _SeriesForecasts(
