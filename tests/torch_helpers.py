@@ -56,3 +56,17 @@ def parameter_grads(model: nn.Module) -> dict[str, Tensor]:
 def max_grad_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     """Largest absolute difference between two gradient dictionaries."""
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_cell_gradcheck(model: nn.Module, features: int) -> None:
+    """`torch.autograd.gradcheck` of `model.step` w.r.t. input, state and every parameter."""
+    wrapper = StepModule(model)
+    names = [name for name, _ in wrapper.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
+    x = torch.randn(2, features, dtype=F64, requires_grad=True)
+    s = torch.randn(2, model.state_size, dtype=F64, requires_grad=True)
+
+    def cell(x: Tensor, s: Tensor, *ps: Tensor) -> Tensor:
+        return torch.func.functional_call(wrapper, dict(zip(names, ps, strict=True)), (x, s))
+
+    assert torch.autograd.gradcheck(cell, (x, s, *params))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor
-from torch_helpers import ScriptedLoop, StepModule
+from torch_helpers import ScriptedLoop, assert_cell_gradcheck
 
 from forecaster.errors import ModelError
 from forecaster.models.lmn import (
@@ -120,16 +120,7 @@ def test_cell_passes_gradcheck(cls: type) -> None:
     with torch.no_grad():
         if isinstance(model, LMN):
             model.memory.bias.normal_()
-    wrapper = StepModule(model)
-    names = [name for name, _ in wrapper.named_parameters()]
-    params = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
-    x = torch.randn(2, 2, dtype=F64, requires_grad=True)
-    s = torch.randn(2, model.state_size, dtype=F64, requires_grad=True)
-
-    def cell(x: Tensor, s: Tensor, *ps: Tensor) -> Tensor:
-        return torch.func.functional_call(wrapper, dict(zip(names, ps, strict=True)), (x, s))
-
-    assert torch.autograd.gradcheck(cell, (x, s, *params))
+    assert_cell_gradcheck(model, features=2)
 
 
 def test_cell_scripts_and_matches_forecast() -> None:

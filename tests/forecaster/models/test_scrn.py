@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor
-from torch_helpers import ScriptedLoop, StepModule
+from torch_helpers import ScriptedLoop, assert_cell_gradcheck
 
 from forecaster.errors import ModelError
 from forecaster.models.scrn import SCRN, SCRNConfig
@@ -152,16 +152,7 @@ def test_batched_recompute_equals_the_loop(dtype: torch.dtype, tol: float) -> No
 def test_cell_passes_gradcheck(activation: str) -> None:
     torch.manual_seed(0)
     model = SCRN(SCRNConfig(3, 2, 0.7, activation), 2, HORIZON).double()  # type: ignore[arg-type]
-    wrapper = StepModule(model)
-    names = [name for name, _ in wrapper.named_parameters()]
-    params = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
-    x = torch.randn(2, 2, dtype=F64, requires_grad=True)
-    s = torch.randn(2, model.state_size, dtype=F64, requires_grad=True)
-
-    def cell(x: Tensor, s: Tensor, *ps: Tensor) -> Tensor:
-        return torch.func.functional_call(wrapper, dict(zip(names, ps, strict=True)), (x, s))
-
-    assert torch.autograd.gradcheck(cell, (x, s, *params))
+    assert_cell_gradcheck(model, features=2)
 
 
 def test_state_jacobian_has_the_block_form() -> None:
