@@ -56,16 +56,22 @@ MEMORY_METHOD = (
     "step, malloc_trim, reset of the kernel high-water mark (/proc/self/clear_refs), then "
     "VmHWM after a second step minus VmRSS before it (the step's transient peak, grads included)"
 )
+CUDA_MEMORY_METHOD = (
+    "in process, after timing: torch.cuda.max_memory_allocated during one step minus "
+    "memory_allocated before it (the step's transient peak, grads included)"
+)
 
 
-def make_case(name: str, hidden: int, steps: int, seed: int = 0) -> dict[str, Any]:
+def make_case(
+    name: str, hidden: int, steps: int, seed: int = 0, device: str = "cpu"
+) -> dict[str, Any]:
     """Model, the shared batch, the loss and (for feedback-capable models) the fixed feedback."""
     torch.manual_seed(seed)
-    model = build(name, 1, hidden, HORIZON)
+    model = build(name, 1, hidden, HORIZON).to(device)
     gen = torch.Generator().manual_seed(1234 + steps)  # same data for every model at this T
-    x = torch.randn(BATCH, steps, 1, generator=gen)
-    y = torch.randn(BATCH, steps, HORIZON, generator=gen)
-    mask = torch.ones(BATCH, steps, HORIZON)
+    x = torch.randn(BATCH, steps, 1, generator=gen).to(device)
+    y = torch.randn(BATCH, steps, HORIZON, generator=gen).to(device)
+    mask = torch.ones(BATCH, steps, HORIZON, device=device)
     d = None
     if model.supports_feedback:
         d = estimate_feedback(model, [x], FeedbackConfig(kind="jacobian_mean")).d
@@ -84,16 +90,34 @@ def step_fn(method: str, case: dict[str, Any]) -> Callable[[], None]:
     return step
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def interleaved(variants: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Round-robin timing; on CUDA each step is bracketed by a device synchronize."""
     for fn in variants.values():  # warm-up: scripting, allocator, first-touch
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for key, fn in variants.items():
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             times[key].append(time.perf_counter() - start)
     return times
+
+
+def cuda_peak_mb(step: Callable[[], None]) -> float:
+    """Peak CUDA memory allocated during one step above what was allocated before it (MB)."""
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    _sync()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
 
 
 def _status_mb(field: str) -> float:
@@ -184,6 +208,13 @@ def main() -> None:
         action="store_true",
         help="re-measure peak memory for the entries of the existing JSON",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: time on the GPU (synchronized), peak memory = CUDA max allocated; writes "
+        "results/train_speed_cuda.*",
+    )
     parser.add_argument("--_peak", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._peak:
@@ -196,8 +227,11 @@ def main() -> None:
     if args.memory_only:
         memory_only(args.threads)
         return
-    if torch.cuda.is_available():
-        print("note: CUDA present but this script times the CPU only", file=sys.stderr)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
     lengths = (336, 720) if args.quick else (336, 720, 1440)
     hiddens = (64,) if args.quick else (64, 256)
     load_start = [round(v, 2) for v in os.getloadavg()]
@@ -206,8 +240,8 @@ def main() -> None:
     for hidden in hiddens:
         for steps in lengths:
             rounds = args.rounds_large if (steps == 1440 and hidden == 256) else args.rounds
-            cases = {name: make_case(name, hidden, steps) for name in CELLS}
-            cases["gru"] = make_case("gru", hidden, steps)
+            cases = {name: make_case(name, hidden, steps, device=device) for name in CELLS}
+            cases["gru"] = make_case("gru", hidden, steps, device=device)
             variants: dict[str, Callable[[], None]] = {}
             for name in CELLS:
                 variants[f"{name}/bptt"] = step_fn("bptt", cases[name])
@@ -219,7 +253,7 @@ def main() -> None:
             for name in CELLS:
                 bp, fb = times[f"{name}/bptt"], times[f"{name}/feedback"]
                 entry = {
-                    "device": "cpu",
+                    "device": device,
                     "model": name,
                     "hidden": hidden,
                     "T": steps,
@@ -234,6 +268,13 @@ def main() -> None:
                     "nn_gru_min_s": round(min(gru), 4),
                     "spectral_radius_d": round(float(cases[name]["d"].abs().max()), 4),
                 }
+                if device == "cuda":
+                    for method in ("bptt", "feedback"):
+                        entry[f"peak_mb_{method}"] = cuda_peak_mb(variants[f"{name}/{method}"])
+                    entry["peak_ratio"] = round(
+                        entry["peak_mb_feedback"] / max(entry["peak_mb_bptt"], 0.1), 2
+                    )
+                    entry["peak_mb_nn_gru"] = cuda_peak_mb(variants["gru/bptt"])
                 entries.append(entry)
                 print(
                     f"{name:7s} h={hidden:3d} T={steps:4d}  bptt {entry['bptt_s']:.3f}  "
@@ -244,7 +285,9 @@ def main() -> None:
             del cases, variants
     timing_s = time.perf_counter() - started
     load_after_timing = [round(v, 2) for v in os.getloadavg()]
-    if not args.no_memory:
+    if device == "cuda":
+        pass  # filled in-process per size above (CUDA max allocated)
+    elif not args.no_memory:
         fill_memory(entries, args.threads)
     ratios = {}
     for name in CELLS:
@@ -257,8 +300,12 @@ def main() -> None:
                     by_t[720]["bptt_s"] / by_t[336]["bptt_s"], 2
                 )
     targets = targets_report(entries)
+    result_name = "train_speed" if device == "cpu" else "train_speed_cuda"
     payload = {
         "settings": {
+            "device": device
+            if device == "cpu"
+            else f"cuda ({torch.cuda.get_device_name()}, torch {torch.__version__})",
             "batch": BATCH,
             "horizon": HORIZON,
             "threads": args.threads,
@@ -266,7 +313,7 @@ def main() -> None:
             "rounds_t1440_h256": args.rounds_large,
             "quick": args.quick,
             "feedback_d": "estimate_feedback jacobian_mean (initial params)",
-            "memory_method": MEMORY_METHOD,
+            "memory_method": MEMORY_METHOD if device == "cpu" else CUDA_MEMORY_METHOD,
             "load_average_start": load_start,
             "load_average_after_timing": load_after_timing,
             "timing_seconds": round(timing_s, 1),
@@ -276,7 +323,7 @@ def main() -> None:
         "bptt_ratio_1440_over_720": ratios,
         "targets": targets,
     }
-    write_results("train_speed", payload, markdown(payload))
+    write_results(result_name, payload, markdown(payload))
     print(markdown(payload))
 
 
@@ -302,6 +349,14 @@ def memory_only(threads: int) -> None:
 
 def targets_report(entries: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if entries and entries[0]["device"] == "cuda":
+        for name in CELLS:
+            big = [e for e in entries if (e["model"], e["hidden"], e["T"]) == (name, 256, 720)]
+            if big:
+                out[f"cuda_feedback_3x_at_T720_h256_{name}"] = {
+                    "speedup": big[0]["speedup"],
+                    "met": big[0]["speedup"] >= 3,
+                }
     main = [e for e in entries if e["model"] == "mi_gru" and e["hidden"] == 64 and e["T"] == 720]
     if main:
         out["feedback_2x_at_T720_h64_mi_gru"] = {
@@ -338,9 +393,9 @@ def targets_report(entries: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(payload: dict[str, Any]) -> str:
     s = payload["settings"]
     lines = [
-        "# Training step time: fixed feedback vs BPTT (CPU)",
+        f"# Training step time: fixed feedback vs BPTT ({s.get('device', 'cpu')})",
         "",
-        f"Batch {s['batch']}, H = {s['horizon']}, {s['threads']} torch thread(s); median (min) "
+        f"Batch {s['batch']}, H = {s['horizon']}, {s['threads']} torch CPU thread(s); median (min) "
         f"seconds per step over {s['rounds']} interleaved rounds after one warm-up "
         f"({s['rounds_t1440_h256']} at T = 1440, h = 256). Peak memory: {s['memory_method']}. "
         f"Load average at start {s['load_average_start']}, after timing "

@@ -1,0 +1,57 @@
+"""The gradient methods on CUDA give the CPU's gradients (run only where a GPU is present)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch_helpers import max_grad_diff, parameter_grads, random_batch
+
+from forecaster.config import FeedbackConfig
+from forecaster.losses import ForecastLoss
+from forecaster.models.registry import build
+from forecaster.training.feedback import estimate_feedback
+from forecaster.training.gradients import compute_gradients
+
+pytestmark = pytest.mark.gpu
+
+B, T, D, HID, HORIZON = 4, 48, 3, 16, 5
+
+
+@pytest.mark.parametrize("name", ["mi_gru", "lmn", "scrn", "gru"])
+@pytest.mark.parametrize("method", ["feedback", "bptt", "tbptt"])
+def test_cuda_gradients_equal_cpu_gradients(name: str, method: str) -> None:
+    torch.manual_seed(0)
+    cpu_model = build(name, D, HID, HORIZON).double()
+    if method == "feedback" and not cpu_model.supports_feedback:
+        pytest.skip(f"{name} has no feedback path")
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    x, target, mask = random_batch(B, T, D, HORIZON)
+    loss = ForecastLoss()
+    d = None
+    if method == "feedback":
+        d = estimate_feedback(cpu_model, [x], FeedbackConfig(kind="jacobian_mean")).d
+    cpu_loss = compute_gradients(method, cpu_model, x, target, mask, loss, d=d, truncation=16)
+    gpu_loss = compute_gradients(
+        method,
+        gpu_model,
+        x.cuda(),
+        target.cuda(),
+        mask.cuda(),
+        loss,
+        d=None if d is None else d.cuda(),
+        truncation=16,
+    )
+    assert abs(cpu_loss.item() - gpu_loss.item()) <= 1e-10
+    gpu_grads = {k: v.cpu() for k, v in parameter_grads(gpu_model).items()}
+    assert max_grad_diff(parameter_grads(cpu_model), gpu_grads) <= 1e-9
+
+
+def test_feedback_estimate_on_cuda_matches_cpu() -> None:
+    torch.manual_seed(0)
+    model = build("mi_gru", D, HID, HORIZON).double()
+    x, _, _ = random_batch(B, T, D, HORIZON)
+    cpu = estimate_feedback(model, [x], FeedbackConfig(kind="jacobian_mean"))
+    gpu = estimate_feedback(copy.deepcopy(model).cuda(), [x.cuda()], FeedbackConfig())
+    assert torch.allclose(cpu.d, gpu.d.cpu(), atol=1e-10)
