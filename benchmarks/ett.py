@@ -131,7 +131,7 @@ PUBLISHED: dict[str, dict[str, dict[int, tuple[float, float]]]] = {
 
 
 def build_config(
-    args: argparse.Namespace,
+    options: dict[str, Any],
     dataset: str,
     horizon: int,
     model: str,
@@ -143,32 +143,32 @@ def build_config(
     kind, freq = DATASETS[dataset]
     train: dict[str, Any] = {
         "method": method,
-        "epochs": args.epochs,
-        "patience": args.patience,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "device": "cpu",
+        "epochs": options["epochs"],
+        "patience": options["patience"],
+        "batch_size": options["batch_size"],
+        "lr": options["lr"],
+        "device": options["device"],
         "deterministic": True,
     }
-    if args.max_windows:
-        train["max_windows"] = args.max_windows
+    if options["max_windows"]:
+        train["max_windows"] = options["max_windows"]
     raw = {
         "name": f"{dataset}_{horizon}_{model}_{method}_s{seed}",
         "seed": seed,
         "output_dir": str(out_dir),
         "data": {
             "source": "file",
-            "path": str(DATA_DIR / f"{dataset}.csv"),
+            "path": str(Path(options["data_dir"]) / f"{dataset}.csv"),
             "layout": "wide",
             "time_col": "date",
             "columns": ["OT"],
             "freq": freq,
             "split": {"kind": "ett", "ett_dataset": kind},
         },
-        "window": {"lookback": args.lookback, "horizon": horizon},
+        "window": {"lookback": options["lookback"], "horizon": horizon},
         "preprocess": {"trend": "none", "seasonality": "none", "scaling": "standard"},
         "stationarity": {"alpha": 0.05, "remedy": "difference", "d_max": 1},
-        "model": {"name": model, "hidden_size": args.hidden},
+        "model": {"name": model, "hidden_size": options["hidden"]},
         "train": train,
     }
     return parse_config(raw, source=f"<ett {raw['name']}>")
@@ -326,6 +326,57 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+RUN_OPTIONS = (
+    "epochs",
+    "patience",
+    "batch_size",
+    "lr",
+    "max_windows",
+    "lookback",
+    "hidden",
+    "device",
+    "threads",
+    "data_dir",
+)
+_PREPARED: dict[tuple[str, int], Any] = {}
+
+
+def run_task(task: dict[str, Any], options: dict[str, Any], work: Path) -> dict[str, Any]:
+    """One training run (in the main process or a pool worker): train, export, evaluate."""
+    import torch
+
+    torch.set_num_threads(options["threads"])
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    dataset, horizon, model = task["dataset"], task["horizon"], task["model"]
+    method, seed = task["requested_method"], task["seed"]
+    out_dir = work / f"{dataset}_{horizon}_{model}_{method}_{seed}"
+    config = build_config(options, dataset, horizon, model, method, seed, out_dir)
+    if (dataset, horizon) not in _PREPARED:  # one prepare per (dataset, H) per process
+        _PREPARED[(dataset, horizon)] = prepare(config)
+    t0 = time.perf_counter()
+    outcome = run_training(
+        config, method=method, out_dir=out_dir, resume=False, prepared=_PREPARED[(dataset, horizon)]
+    )
+    seconds = time.perf_counter() - t0
+    history = outcome.history
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {
+        **task,
+        "method_used": outcome.method,
+        "method_reason": outcome.method_reason,
+        "device": history.device,
+        "test": outcome.evaluations["test"],
+        "val": outcome.evaluations["val"],
+        "seconds": round(seconds, 1),
+        "epochs_run": len(history.epochs),
+        "best_epoch": history.best_epoch,
+        "best_val_loss": history.best_val_loss,
+        "val_losses": [round(v, 5) for v in history.val_losses],
+        "spectral_radius": [e.spectral_radius for e in history.epochs],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -342,7 +393,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder of ETT*.csv")
     parser.add_argument("--append", action="store_true", help="keep the runs already in ett.json")
     parser.add_argument("--not-run", default="", help="text for the table: what was not run")
     args = parser.parse_args()
@@ -398,71 +452,59 @@ def main() -> None:
         }
         write_results(NAME, payload, markdown(payload))
 
+    tasks: list[dict[str, Any]] = []
+    for dataset in args.datasets:
+        for horizon in args.horizons:
+            for seed in args.seeds:  # seeds outermost: a partial run has all methods per seed
+                for model in args.models:
+                    for method in args.methods:
+                        if method == "feedback" and model not in FEEDBACK_MODELS:
+                            continue
+                        key_run = {
+                            "dataset": dataset,
+                            "horizon": horizon,
+                            "model": model,
+                            "requested_method": method,
+                            "seed": seed,
+                            "settings_key": settings_key,
+                        }
+                        if run_key(key_run) not in done:
+                            tasks.append(key_run)
+    options = {k: getattr(args, k) for k in RUN_OPTIONS}
+
+    def record(run: dict[str, Any]) -> None:
+        runs.append(run)
+        done.add(run_key(run))
+        print(
+            f"{run['dataset']} H={run['horizon']} {run['model']}/{run['requested_method']} "
+            f"seed {run['seed']}: test MSE {run['test']['mse']:.4f} MAE {run['test']['mae']:.4f} "
+            f"val {run['val']['mse']:.4f} ({run['seconds']:.0f}s, {run['epochs_run']} ep, used "
+            f"{run['method_used']})",
+            flush=True,
+        )
+        flush()
+
     try:
-        for dataset in args.datasets:
-            for horizon in args.horizons:
-                prepared = None
-                for seed in args.seeds:  # seeds outermost: a partial run has all methods per seed
-                    for model in args.models:
-                        for method in args.methods:
-                            if method == "feedback" and model not in FEEDBACK_MODELS:
-                                continue
-                            key_run = {
-                                "dataset": dataset,
-                                "horizon": horizon,
-                                "model": model,
-                                "requested_method": method,
-                                "seed": seed,
-                                "settings_key": settings_key,
-                            }
-                            if run_key(key_run) in done:
-                                continue
-                            out_dir = work / f"{dataset}_{horizon}_{model}_{method}_{seed}"
-                            config = build_config(
-                                args, dataset, horizon, model, method, seed, out_dir
-                            )
-                            if prepared is None:
-                                prepared = prepare(config)
-                                base = evaluate_baselines(prepared, horizon)
-                                baselines[f"{dataset}/{horizon}"] = {
-                                    **base,
-                                    "gate": prepared.decision.method,
-                                    "differences": prepared.decision.differences,
-                                }
-                            t0 = time.perf_counter()
-                            outcome = run_training(
-                                config,
-                                method=method,
-                                out_dir=out_dir,
-                                resume=False,
-                                prepared=prepared,
-                            )
-                            seconds = time.perf_counter() - t0
-                            history = outcome.history
-                            run = {
-                                **key_run,
-                                "method_used": outcome.method,
-                                "method_reason": outcome.method_reason,
-                                "test": outcome.evaluations["test"],
-                                "val": outcome.evaluations["val"],
-                                "seconds": round(seconds, 1),
-                                "epochs_run": len(history.epochs),
-                                "best_epoch": history.best_epoch,
-                                "best_val_loss": history.best_val_loss,
-                                "val_losses": [round(v, 5) for v in history.val_losses],
-                                "spectral_radius": [e.spectral_radius for e in history.epochs],
-                            }
-                            runs.append(run)
-                            done.add(run_key(run))
-                            print(
-                                f"{dataset} H={horizon} {model}/{method} seed {seed}: test MSE "
-                                f"{run['test']['mse']:.4f} MAE {run['test']['mae']:.4f} val "
-                                f"{run['val']['mse']:.4f} ({seconds:.0f}s, "
-                                f"{run['epochs_run']} ep, used {outcome.method})",
-                                flush=True,
-                            )
-                            flush()
-                            shutil.rmtree(out_dir, ignore_errors=True)
+        for dataset, horizon in dict.fromkeys((t["dataset"], t["horizon"]) for t in tasks):
+            if f"{dataset}/{horizon}" not in baselines:
+                config = build_config(options, dataset, horizon, "gru", "bptt", 0, work / "b")
+                prepared = prepare(config)
+                baselines[f"{dataset}/{horizon}"] = {
+                    **evaluate_baselines(prepared, horizon),
+                    "gate": prepared.decision.method,
+                    "differences": prepared.decision.differences,
+                }
+        if args.jobs <= 1:
+            for task in tasks:
+                record(run_task(task, options, work))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(run_task, task, options, work) for task in tasks]
+                for future in as_completed(futures):
+                    record(future.result())
     finally:
         if baselines or runs:
             flush()
