@@ -15,6 +15,8 @@ from forecaster.errors import DataError
 __all__ = [
     "coverage",
     "coverage_per_step",
+    "interval_width",
+    "interval_width_per_step",
     "mae",
     "mae_per_step",
     "mase",
@@ -205,6 +207,12 @@ def _interval(
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     truth, low = _pair(y_true, lower, "lower")
     _, high = _pair(truth, upper, "upper")
+    _check_ordered(low, high)
+    return truth, low, high
+
+
+def _check_ordered(low: FloatArray, high: FloatArray) -> None:
+    """`DataError` at the first position where the lower bound exceeds the upper one."""
     crossed = np.argwhere(low > high)
     if crossed.size:
         window, step = (int(i) for i in crossed[0])
@@ -213,7 +221,6 @@ def _interval(
             f"{low[window, step]} > {high[window, step]}",
             field="lower",
         )
-    return truth, low, high
 
 
 def coverage_per_step(
@@ -236,3 +243,24 @@ def coverage(y_true: npt.ArrayLike, lower: npt.ArrayLike, upper: npt.ArrayLike) 
         DataError: shapes differ, a value is not finite, or `lower > upper` somewhere.
     """
     return float(np.mean(coverage_per_step(y_true, lower, upper)))
+
+
+def interval_width_per_step(lower: npt.ArrayLike, upper: npt.ArrayLike) -> FloatArray:
+    """`[H]` mean width `upper - lower` of each horizon step (see `interval_width`)."""
+    low = _finite_2d(lower, "lower")
+    high = _finite_2d(upper, "upper")
+    if low.shape != high.shape:
+        raise DataError(
+            f"upper: shape {high.shape} does not match lower's {low.shape}", field="upper"
+        )
+    _check_ordered(low, high)
+    return _mean_over_windows(high - low)
+
+
+def interval_width(lower: npt.ArrayLike, upper: npt.ArrayLike) -> float:
+    """Mean width `mean(upper - lower)` of `[N, H]` prediction intervals, in their units.
+
+    Raises:
+        DataError: shapes differ, a value is not finite, or `lower > upper` somewhere.
+    """
+    return float(np.mean(interval_width_per_step(lower, upper)))

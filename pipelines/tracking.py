@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import numpy as np
 import numpy.typing as npt
 
+from forecaster.calibration import CALIBRATION_FILE
 from forecaster.config import Config
 from forecaster.errors import ForecasterError, TrackingError
 from pipelines.prepare import PREPROCESSING_FILE, STATIONARITY_FILE, PreparedData
@@ -767,7 +768,7 @@ class RetrainRun:
             tracker.log_artifact(
                 _plot_forecasts(series, lookback, folder / "forecast_vs_actual.png"), "plots"
             )
-        for name in (PREPROCESSING_FILE, METADATA_FILE, STATIONARITY_FILE):
+        for name in (PREPROCESSING_FILE, METADATA_FILE, STATIONARITY_FILE, CALIBRATION_FILE):
             if (bundle / name).is_file():
                 tracker.log_artifact(bundle / name, "bundle")
         example = _input_example(prepared, lookback)
@@ -775,7 +776,10 @@ class RetrainRun:
             tracker,
             bundle / MODEL_FILE,
             example,
-            extra=[bundle / n for n in (STEP_MODEL_FILE, PREPROCESSING_FILE, METADATA_FILE)],
+            extra=[
+                bundle / n
+                for n in (STEP_MODEL_FILE, PREPROCESSING_FILE, METADATA_FILE, CALIBRATION_FILE)
+            ],
         )
         tracker.finish()
         test_mse = float(outcome.evaluations["test"]["mse"])

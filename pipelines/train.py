@@ -2,12 +2,14 @@
 
 prepare (pipelines/prepare.py) → model inputs per series (the fitted transform) → forking
 windows per split part → trainer (method from the config, overridden by the stationarity gate
-when the residuals failed it) → ONNX export → evaluation of the exported model on every test
-window with the standard protocol (MSE/MAE on the training-z-scored scale) → a local bundle.
+when the residuals failed it) → ONNX export → split-conformal calibration of the exported model
+on every validation window → evaluation on every test window with the standard protocol
+(MSE/MAE on the training-z-scored scale, interval coverage and width) → a local bundle.
 
 A bundle (DESIGN.md §7) is a folder holding `model.onnx` (full window), `model_step.onnx`
-(stateful step), `preprocessing.json`, `metadata.json` (model, method, metrics, history), plus
-`stationarity.json`; it is written to a temporary folder and renamed, so it is whole or absent.
+(stateful step), `preprocessing.json`, `metadata.json` (model, method, metrics, history),
+`calibration.json` (conformal interval quantiles) and `stationarity.json`; it is written to a
+temporary folder and renamed, so it is whole or absent.
 """
 
 from __future__ import annotations
@@ -17,18 +19,26 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from forecaster.calibration import (
+    CALIBRATION_FILE,
+    DEFAULT_LEVELS,
+    Calibration,
+    fit_calibration,
+    level_label,
+)
 from forecaster.config import Config
 from forecaster.errors import ModelError
-from forecaster.evaluation import Evaluation, evaluate_forecaster
+from forecaster.evaluation import Evaluation, evaluate_forecaster, part_windows
 from forecaster.files import atomic_write_text
 from forecaster.inference import forecast_window, open_session
+from forecaster.metrics import coverage, interval_width
 from forecaster.transform import SeriesTransform, Transformed, inverse_forecast, transform
 from pipelines.prepare import PREPROCESSING_FILE, STATIONARITY_FILE, PreparedData, prepare
 
@@ -68,6 +78,7 @@ class TrainOutcome:
     history: Any  # TrainHistory
     evaluations: dict[str, dict[str, float]]
     bundle: Path
+    calibration: Calibration | None = None
 
 
 def model_inputs(prepared: PreparedData) -> ModelInputs:
@@ -191,22 +202,57 @@ class OnnxSeriesForecaster:
         )
 
 
-def evaluate_session(
+@dataclass(frozen=True)
+class PartForecasts:
+    """One series' forecasts on every window of a split part, in its original units.
+
+    Attributes:
+        evaluation: the protocol's scores of these forecasts.
+        forecasts: `[N, H]` forecasts, one row per window, in window order.
+        targets: `[N, H]` the values they forecast.
+    """
+
+    evaluation: Evaluation
+    forecasts: npt.NDArray[np.float64]
+    targets: npt.NDArray[np.float64]
+
+    @property
+    def residuals(self) -> npt.NDArray[np.float64]:
+        """`[N, H]` forecast minus truth."""
+        return self.forecasts - self.targets
+
+
+@dataclass
+class _Recorder:
+    """Hands a forecaster's batches to the evaluation and keeps them, in call order."""
+
+    forecaster: OnnxSeriesForecaster
+    batches: list[npt.NDArray[np.float64]] = field(default_factory=list)
+
+    def __call__(
+        self, inputs: npt.NDArray[np.float64], origins: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float64]:
+        self.batches.append(self.forecaster(inputs, origins))
+        return self.batches[-1]
+
+
+def forecast_part(
     session: Any,
     prepared: PreparedData,
     inputs: ModelInputs,
     horizon: int,
     part: Part = "test",
-) -> dict[str, Evaluation]:
-    """Score an ONNX window model on every window of `part`, per series, with the protocol.
+) -> dict[str, PartForecasts]:
+    """Forecast every window of `part` per series with an ONNX window model, and score it.
 
     The model forecasts on its input scale; forecasts are inverted to the series' units with the
     fitted transform and then z-scored with the training mean and std (../shared/data/README.md).
     """
-    results: dict[str, Evaluation] = {}
+    results: dict[str, PartForecasts] = {}
     for uid, frame in prepared.data.frame.groupby("unique_id", sort=False):
         name = str(uid)
         split = prepared.splits[name]
+        values = frame["y"].to_numpy(np.float64)
         forecaster = OnnxSeriesForecaster(
             session=session,
             spec=prepared.spec.for_series(name),
@@ -216,15 +262,77 @@ def evaluate_session(
             horizon=horizon,
             name=name,
         )
-        results[name] = evaluate_forecaster(
-            forecaster,
-            frame["y"].to_numpy(np.float64),
-            split,
-            horizon,
-            part=part,
-            with_origins=True,
+        recorder = _Recorder(forecaster)
+        evaluation = evaluate_forecaster(
+            recorder, values, split, horizon, part=part, with_origins=True
+        )
+        results[name] = PartForecasts(
+            evaluation=evaluation,
+            forecasts=np.concatenate(recorder.batches),
+            targets=np.array(part_windows(values, split, horizon, part=part).targets),
         )
     return results
+
+
+def evaluate_session(
+    session: Any,
+    prepared: PreparedData,
+    inputs: ModelInputs,
+    horizon: int,
+    part: Part = "test",
+) -> dict[str, Evaluation]:
+    """Score an ONNX window model on every window of `part`, per series, with the protocol."""
+    return evaluations_of(forecast_part(session, prepared, inputs, horizon, part))
+
+
+def evaluations_of(results: dict[str, PartForecasts]) -> dict[str, Evaluation]:
+    """The protocol's scores of `forecast_part`'s results, per series."""
+    return {name: result.evaluation for name, result in results.items()}
+
+
+def interval_metrics(
+    calibration: Calibration, results: dict[str, PartForecasts]
+) -> dict[str, float]:
+    """Coverage and mean width of the calibrated intervals at each level, over all windows.
+
+    `coverage_<level%>` is the fraction of target values inside their interval;
+    `width_<level%>` the mean interval width on the training-z-scored scale of the protocol (so
+    series of different units average sensibly). Both are window-weighted means over series.
+    """
+    n = np.array([r.evaluation.n_windows for r in results.values()], dtype=np.float64)
+    metrics: dict[str, float] = {}
+    for level in calibration.levels:
+        covered, widths = [], []
+        for name, result in results.items():
+            lower, upper = calibration.bounds(name, result.forecasts, level)
+            covered.append(coverage(result.targets, lower, upper))
+            widths.append(interval_width(lower, upper) / result.evaluation.scale.std)
+        label = level_label(level)
+        metrics[f"coverage_{label}"] = float(np.dot(n, covered) / n.sum())
+        metrics[f"width_{label}"] = float(np.dot(n, widths) / n.sum())
+    return metrics
+
+
+def calibrate(
+    results: dict[str, PartForecasts], levels: Sequence[float] = DEFAULT_LEVELS
+) -> Calibration:
+    """Split-conformal calibration from the residuals of every validation window, per series.
+
+    Logs a warning for each series with too few windows for a level's exact quantile (its
+    largest residual is used instead; `calibration.json` marks the level `capped`).
+    """
+    calibration = fit_calibration({name: r.residuals for name, r in results.items()}, levels)
+    for name, series in calibration.series.items():
+        for level, capped in zip(series.levels, series.capped, strict=True):
+            if capped:
+                logger.warning(
+                    "series %s: %d validation windows are too few for a %g conformal interval; "
+                    "its largest residual is used",
+                    name,
+                    series.n_residuals,
+                    level,
+                )
+    return calibration
 
 
 def summary(evaluations: dict[str, Evaluation]) -> dict[str, float]:
@@ -239,6 +347,14 @@ def summary(evaluations: dict[str, Evaluation]) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class BundleScore:
+    """What scoring the exported model in the staging folder yields for the bundle."""
+
+    metrics: dict[str, Any]
+    calibration: Calibration | None = None
+
+
 def write_bundle(
     folder: Path,
     model: Any,
@@ -248,13 +364,14 @@ def write_bundle(
     method: str,
     method_reason: str,
     history: Any,
-    score: Callable[[Path], dict[str, Any]] | None = None,
+    score: Callable[[Path], BundleScore] | None = None,
 ) -> Path:
     """Export the model (window + step graphs) with its preprocessing into a bundle folder.
 
     Written to a temporary sibling folder and renamed into place, replacing an older bundle
     only once the new one is complete. `score(model_path)` evaluates the exported window model
-    in the staging folder; its result is stored as the bundle's `metrics`.
+    in the staging folder; its metrics are stored as the bundle's `metrics` and its calibration,
+    if any, as `calibration.json`.
     """
     from forecaster.export import export_onnx
 
@@ -275,6 +392,9 @@ def write_bundle(
         from pipelines.stationarity import save_report
 
         save_report(prepared.decision, staging / STATIONARITY_FILE)
+        scored = score(staging / MODEL_FILE) if score is not None else BundleScore(metrics={})
+        if scored.calibration is not None:
+            scored.calibration.save(staging / CALIBRATION_FILE)
         record = {
             "format_version": 1,
             "name": config.name,
@@ -284,7 +404,7 @@ def write_bundle(
             "freq": prepared.data.freq,
             "training_method": method,
             "method_reason": method_reason,
-            "metrics": score(staging / MODEL_FILE) if score is not None else {},
+            "metrics": scored.metrics,
             "history": history.to_dict(),
         }
         atomic_write_text(staging / METADATA_FILE, json.dumps(record, indent=2) + "\n")
@@ -336,14 +456,19 @@ def run_training(
     )
     horizon = config.window.horizon
     evaluations: dict[str, dict[str, float]] = {}
+    calibrations: list[Calibration] = []
 
-    def score(model_path: Path) -> dict[str, Any]:
+    def score(model_path: Path) -> BundleScore:
         session = open_session(model_path)
-        for part in ("val", "test"):
-            evaluations[part] = summary(
-                evaluate_session(session, prepared, inputs, horizon, part)  # type: ignore[arg-type]
-            )
-        return evaluations
+        val = forecast_part(session, prepared, inputs, horizon, "val")
+        test = forecast_part(session, prepared, inputs, horizon, "test")
+        calibrations.append(calibrate(val))
+        evaluations["val"] = summary(evaluations_of(val))
+        evaluations["test"] = {
+            **summary(evaluations_of(test)),
+            **interval_metrics(calibrations[-1], test),
+        }
+        return BundleScore(metrics=evaluations, calibration=calibrations[-1])
 
     bundle = write_bundle(
         out / f"bundle_{requested}",
@@ -362,6 +487,7 @@ def run_training(
         history=history,
         evaluations=evaluations,
         bundle=bundle,
+        calibration=calibrations[-1],
     )
 
 
@@ -400,7 +526,8 @@ def evaluate_bundle(
     """Score a bundle's ONNX model and the baselines on the config's data with the protocol.
 
     The bundle's own `preprocessing.json` is applied (not a refit), so the score is the one the
-    served model would get.
+    served model would get; when the bundle has a `calibration.json`, the model's score also has
+    the coverage and width of its intervals (see `interval_metrics`).
     """
     from forecaster.transform import PreprocessingSpec
 
@@ -411,8 +538,10 @@ def evaluate_bundle(
     )
     session = open_session(bundle / MODEL_FILE)
     horizon = config.window.horizon
-    scores = {
-        "model": summary(evaluate_session(session, prepared, model_inputs(prepared), horizon, part))
-    }
+    results = forecast_part(session, prepared, model_inputs(prepared), horizon, part)
+    scores = {"model": summary(evaluations_of(results))}
+    if (bundle / CALIBRATION_FILE).is_file():
+        calibration = Calibration.load(bundle / CALIBRATION_FILE)
+        scores["model"].update(interval_metrics(calibration, results))
     scores.update(evaluate_baselines(prepared, horizon, part))
     return scores

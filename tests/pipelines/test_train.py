@@ -1,22 +1,28 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from forecaster.calibration import CALIBRATION_FILE, DEFAULT_LEVELS, Calibration, conformal_rank
 from forecaster.config import Config, parse_config
 from forecaster.errors import ModelError
+from forecaster.evaluation import part_windows
+from forecaster.inference import open_session
 from pipelines.prepare import prepare
 from pipelines.train import (
     METADATA_FILE,
     MODEL_FILE,
     STEP_MODEL_FILE,
+    OnnxSeriesForecaster,
     choose_method,
     evaluate_baselines,
     evaluate_bundle,
+    model_inputs,
     run_training,
 )
 
@@ -73,6 +79,74 @@ def test_evaluate_bundle_reproduces_the_logged_test_metric(
     logged = outcome.evaluations["test"]  # type: ignore[attr-defined]
     assert scores["model"]["mse"] == pytest.approx(logged["mse"], rel=1e-9)
     assert set(scores) == {"model", "repeat_last", "seasonal_naive"}
+
+
+def test_bundle_calibration_is_fitted_on_the_validation_residuals(
+    trained: tuple[Config, object],
+) -> None:
+    config, outcome = trained
+    bundle = outcome.bundle  # type: ignore[attr-defined]
+    calibration = Calibration.load(bundle / CALIBRATION_FILE)
+    assert calibration.to_dict() == outcome.calibration.to_dict()  # type: ignore[attr-defined]
+    assert calibration.levels == DEFAULT_LEVELS
+    assert calibration.horizon == 6
+    prepared = prepare(config)
+    inputs = model_inputs(prepared)
+    session = open_session(bundle / MODEL_FILE)
+    assert set(calibration.series) == set(prepared.splits)
+    for name, frame in prepared.data.frame.groupby("unique_id", sort=False):
+        split = prepared.splits[str(name)]
+        y = frame["y"].to_numpy(np.float64)
+        windows = part_windows(y, split, 6, part="val")
+        forecaster = OnnxSeriesForecaster(
+            session=session,
+            spec=prepared.spec.for_series(str(name)),
+            transformed=inputs.transformed[str(name)],
+            ds=frame["ds"].to_numpy(),
+            lookback=split.lookback,
+            horizon=6,
+            name=str(name),
+        )
+        scores = np.sort(np.abs(forecaster(windows.inputs, windows.origins) - windows.targets), 0)
+        series = calibration.series[str(name)]
+        assert series.n_residuals == 72 - 6 + 1
+        for i, level in enumerate(DEFAULT_LEVELS):
+            expected = scores[conformal_rank(series.n_residuals, level) - 1]
+            np.testing.assert_allclose(series.quantiles[i], expected, rtol=1e-6)
+
+
+def test_test_metrics_include_interval_coverage_and_width(
+    trained: tuple[Config, object],
+) -> None:
+    _, outcome = trained
+    metadata = json.loads((outcome.bundle / METADATA_FILE).read_text())  # type: ignore[attr-defined]
+    logged = outcome.evaluations["test"]  # type: ignore[attr-defined]
+    assert metadata["metrics"]["test"] == pytest.approx(logged, rel=1e-12)
+    for label in ("80", "95"):
+        assert 0.0 <= logged[f"coverage_{label}"] <= 1.0
+        assert logged[f"width_{label}"] > 0
+    assert logged["coverage_80"] <= logged["coverage_95"]
+    assert logged["width_80"] <= logged["width_95"]
+    assert "coverage_80" not in outcome.evaluations["val"]  # type: ignore[attr-defined]
+
+
+def test_evaluate_bundle_reports_the_coverage_of_its_calibration(
+    trained: tuple[Config, object], tmp_path: Path
+) -> None:
+    config, outcome = trained
+    bundle = outcome.bundle  # type: ignore[attr-defined]
+    logged = outcome.evaluations["test"]  # type: ignore[attr-defined]
+    scores = evaluate_bundle(config, bundle)["model"]
+    for key in ("coverage_80", "coverage_95", "width_80", "width_95"):
+        assert scores[key] == pytest.approx(logged[key], rel=1e-9)
+    # On the windows it was fitted on, a conformal quantile covers at least its level per step.
+    val = evaluate_bundle(config, bundle, part="val")["model"]
+    assert val["coverage_80"] >= 0.8
+    assert val["coverage_95"] >= 0.95
+    bare = tmp_path / "bare"
+    shutil.copytree(bundle, bare)
+    (bare / CALIBRATION_FILE).unlink()
+    assert "coverage_80" not in evaluate_bundle(config, bare)["model"]
 
 
 def test_gate_decides_the_method(tmp_path: Path) -> None:
