@@ -1,0 +1,488 @@
+"""Causal anomaly detection from calibrated forecast residuals (numpy only; issue 8).
+
+Forecasts. Every point is forecast from the past only, at each horizon h of the settings, by a
+direct linear forecaster of the change `y[t] - y[t-h]` from the recent changes before `t - h` and,
+when the series is seasonal, from the median of the same change over the last three seasons
+(ridge regression on the fit segment; the season is found by autocorrelation). Forecasting
+changes rather than levels re-baselines after a level shift by itself: h points past the shift,
+the new level is the normal one. The median over seasons keeps one odd season from echoing.
+
+Calibration. Each horizon's absolute residuals get conformal p-values against a trailing window
+of that horizon's past residuals (seeded with the fit segment's in-sample residuals, updated online
+after every point), with an exponential tail fitted to the window's largest residuals so that
+p-values keep falling past the largest residual seen. One more test, calibrated the same way,
+scores the horizons' agreement (the sum of their surprises, Fisher's statistic). The tests are
+combined by Bonferroni, `p = min(1, K min_k p_k)`, so a point is flagged at no more than the
+configured false-alarm rate when residuals are exchangeable.
+
+Alarms. The surprise `S = -ln p` of a point is kept only when it is news: for `hold` points after
+an alarm, only a point at least twice as surprising as the alarm counts (one event, one alarm).
+`score = S / (S + S_alpha)` with `S_alpha = -ln(false_alarm_rate)`: in [0, 1), monotone in p,
+never saturated (1 - p rounds to 1 once p < 1e-16), and exactly 0.5 at the flag threshold, so
+`is_anomaly = score >= 0.5`.
+
+Missing values (NaN) score 0 and are never flagged; inside the forecasts' inputs they are replaced
+by the one-step forecast of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from forecaster.calibration import conformal_rank
+from forecaster.errors import DataError, ModelError
+
+__all__ = [
+    "PROBATION_CAP_ROWS",
+    "PROBATION_FRACTION",
+    "AnomalyDetector",
+    "AnomalyResult",
+    "DetectorSettings",
+    "detect_season",
+    "probationary_length",
+]
+
+FloatArray = npt.NDArray[np.float64]
+
+_SEASONS = 3  # seasons whose median change feeds the seasonal forecasts
+_PERIOD_TOLERANCE = 0.05  # autocorrelation below the best within which a shorter period wins
+_RENEW = 2.0  # how many times the last alarm's surprise a point needs to alarm during a hold
+_MIN_AGREEMENT = 100  # scored points before the horizons' agreement is tested
+PROBATION_FRACTION = 0.15
+PROBATION_CAP_ROWS = 5000  # NAB caps the probationary period at 15% of 5,000 rows (750)
+
+
+def probationary_length(n_rows: int, fraction: float = PROBATION_FRACTION) -> int:
+    """NAB's probationary period of a stream of `n_rows`: `min(floor(f n), f * 5000)` rows."""
+    return int(min(math.floor(fraction * n_rows), fraction * PROBATION_CAP_ROWS))
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """Hyper-parameters of `AnomalyDetector` (steps are rows of the series).
+
+    Attributes:
+        false_alarm_rate: flag a point when its combined p-value is <= this.
+        horizons: forecast horizons whose residuals are scored (1 is the one-step forecast).
+        lags: recent changes used as inputs of each forecast.
+        season: seasonal period; None detects it on the fit segment, 0 means none.
+        max_season: longest period `detect_season` considers.
+        calibration_window: past residuals per horizon that calibrate the p-values.
+        tail_fraction: share of the window's largest residuals the exponential tail is fitted on.
+        hold: points after an alarm during which only a point twice as surprising scores.
+        ridge: L2 penalty of the forecasters, relative to the feature variance.
+    """
+
+    false_alarm_rate: float = 0.001
+    horizons: tuple[int, ...] = (1, 8)
+    lags: int = 2
+    season: int | None = None
+    max_season: int = 1000
+    calibration_window: int = 6000
+    tail_fraction: float = 0.05
+    ridge: float = 1e-3
+    hold: int = 100
+
+    @property
+    def min_fit_points(self) -> int:
+        """Fewest known points `AnomalyDetector.fit` accepts with these settings."""
+        return 2 * (max(self.horizons) + self.lags) + 10
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 < self.false_alarm_rate < 1:
+            problems.append(f"false_alarm_rate: {self.false_alarm_rate} is not in (0, 1)")
+        if not self.horizons or any(h < 1 for h in self.horizons):
+            problems.append(f"horizons: {self.horizons} must be a non-empty tuple of ints >= 1")
+        if self.lags < 1:
+            problems.append(f"lags: {self.lags} is not >= 1")
+        if self.season is not None and (self.season < 0 or self.season == 1):
+            problems.append(f"season: {self.season} must be None, 0 or >= 2")
+        if self.calibration_window < 10:
+            problems.append(f"calibration_window: {self.calibration_window} is not >= 10")
+        if not 0 < self.tail_fraction < 0.5:
+            problems.append(f"tail_fraction: {self.tail_fraction} is not in (0, 0.5)")
+        if self.hold < 0:
+            problems.append(f"hold: {self.hold} is not >= 0")
+        if self.ridge <= 0:
+            problems.append(f"ridge: {self.ridge} is not > 0")
+        if problems:
+            raise ModelError("anomaly detector settings: " + "; ".join(problems), field="anomaly")
+
+
+@dataclass(frozen=True)
+class AnomalyResult:
+    """Per-point output of `AnomalyDetector.score`, each an array of the input's length.
+
+    Attributes:
+        score: anomaly score in [0, 1): S / (S + S_alpha) of the surprise S = -ln p that is
+            left after the hold (module docstring); 0 where not scored.
+        is_anomaly: score >= 0.5, i.e. p <= false_alarm_rate and the point is news.
+        p_value: combined p-value before the hold (1 where not scored).
+        expected: one-step forecast (NaN where there is not enough past).
+        lower: lower bound of the one-step conformal interval at 1 - false_alarm_rate.
+        upper: upper bound of that interval.
+    """
+
+    score: FloatArray
+    is_anomaly: npt.NDArray[np.bool_]
+    p_value: FloatArray
+    expected: FloatArray
+    lower: FloatArray
+    upper: FloatArray
+
+
+def _as_series(values: npt.ArrayLike, name: str) -> FloatArray:
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{name}: values must be numbers ({exc})", field=name) from exc
+    if array.ndim != 1:
+        raise DataError(f"{name}: expected a 1-d series, got shape {array.shape}", field=name)
+    if np.isinf(array).any():
+        row = int(np.flatnonzero(np.isinf(array))[0])
+        raise DataError(f"{name}, row {row}: value {array[row]} is infinite", field=name)
+    return array
+
+
+def _forward_fill(values: FloatArray) -> FloatArray:
+    """NaNs replaced by the last known value (leading NaNs by the first known one)."""
+    missing = np.isnan(values)
+    if not missing.any():
+        return values
+    known = np.flatnonzero(~missing)
+    if known.size == 0:
+        return values
+    last = np.maximum.accumulate(np.where(missing, 0, np.arange(len(values))))
+    filled = values[last]
+    filled[: known[0]] = values[known[0]]
+    return filled
+
+
+def detect_season(values: npt.ArrayLike, max_season: int = 1000, min_acf: float = 0.6) -> int:
+    """The dominant seasonal period of `values` by autocorrelation, 0 when there is none.
+
+    The period is the lag of the highest local maximum of the (unbiased) autocorrelation of the
+    linearly detrended series among lags 4..min(max_season, n // 2), if it reaches `min_acf`.
+    """
+    y = _forward_fill(_as_series(values, "values"))
+    y = y[~np.isnan(y)]
+    n = len(y)
+    top = min(max_season, n // 2)
+    if top < 5:
+        return 0
+    t = np.arange(n, dtype=np.float64)
+    y = y - np.polyval(np.polyfit(t, y, 1), t)
+    variance = float(y @ y)
+    if variance <= 0:
+        return 0
+    spectrum = np.fft.rfft(y, 2 * n)
+    # Unbiased: each lag's sum over its n - lag pairs, so long periods are not shrunk.
+    acf = np.fft.irfft(spectrum * np.conj(spectrum))[: top + 2] / variance
+    acf = acf * n / (n - np.arange(top + 2))
+    lags = np.arange(4, top + 1)
+    peaks = lags[(acf[lags] > acf[lags - 1]) & (acf[lags] >= acf[lags + 1])]
+    if peaks.size == 0:
+        return 0
+    # Multiples of a period correlate as well as it does: the shortest of the near-best wins.
+    best = int(peaks[acf[peaks] >= acf[peaks].max() - _PERIOD_TOLERANCE][0])
+    return best if acf[best] >= min_acf else 0
+
+
+class _Calibration:
+    """A trailing window of nonconformity scores, sorted, giving conformal p-values."""
+
+    def __init__(self, size: int, tail_fraction: float, resolution: float) -> None:
+        self.size = size
+        self.tail_fraction = tail_fraction
+        self.resolution = resolution
+        self.window: list[float] = []
+        self.order: deque[float] = deque()
+
+    def __len__(self) -> int:
+        return len(self.window)
+
+    def remember(self, a: float) -> None:
+        """Add `a`; forget the oldest score once the window is full."""
+        bisect.insort(self.window, a)
+        self.order.append(a)
+        if len(self.order) > self.size:
+            old = self.order.popleft()
+            del self.window[bisect.bisect_left(self.window, old)]
+
+    def _tail(self) -> tuple[int, float, float]:
+        """Tail size m, its threshold u (m-th largest score) and mean excess beta."""
+        window, n = self.window, len(self.window)
+        m = max(2, math.ceil(self.tail_fraction * n))
+        u = window[n - m]
+        beta = max(sum(window[n - m :]) / m - u, self.resolution)
+        return m, u, beta
+
+    def log_p_value(self, a: float) -> float:
+        """Log conformal p-value of `a`, with an exponential tail past the m-th largest score."""
+        n = len(self.window)
+        at_least = n - bisect.bisect_left(self.window, a)
+        if at_least >= max(2, math.ceil(self.tail_fraction * n)) or a <= 0:
+            return math.log((at_least + 1) / (n + 1))
+        m, u, beta = self._tail()
+        return math.log((m + 1) / (n + 1)) - (a - u) / beta
+
+    def quantile(self, alpha: float) -> float:
+        """Score exceeded with probability `alpha` (conformal, exponential tail beyond)."""
+        n = len(self.window)
+        m = max(2, math.ceil(self.tail_fraction * n))
+        if (m + 1) / (n + 1) <= alpha:
+            return self.window[min(conformal_rank(n, 1 - alpha), n) - 1]
+        m, u, beta = self._tail()
+        return u + beta * math.log((m + 1) / ((n + 1) * alpha))
+
+
+@dataclass
+class _Horizon:
+    """A direct forecaster of `y[t] - y[t-h]` and the calibration of its residuals."""
+
+    h: int
+    seasonal: bool
+    weights: FloatArray
+    mean: FloatArray
+    scale: FloatArray
+    calibration: _Calibration
+
+
+class AnomalyDetector:
+    """Causal forecast-residual anomaly detector: `fit` on a clean start, then `score`."""
+
+    def __init__(self, settings: DetectorSettings | None = None) -> None:
+        self.settings = settings or DetectorSettings()
+        self.season = 0
+        self._resolution = 0.0
+        self._horizons: list[_Horizon] = []
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether `fit` has run."""
+        return bool(self._horizons)
+
+    def _needed(self, h: int, seasonal: bool) -> int:
+        return max(h + self.settings.lags, self.season + h if seasonal else 0)
+
+    def _features(self, y: FloatArray, h: int, seasonal: bool) -> FloatArray:
+        """Inputs of the h-step forecast of every t: [n, lags (+1)], NaN where the past is short.
+
+        Row t uses y[t - h - lags .. t - h] and, when seasonal, y[t - 3s - h .. t - s].
+        """
+        n, s = len(y), self.season
+        columns = []
+        for j in range(1, self.settings.lags + 1):
+            columns.append(_shift(y, h) - _shift(y, h + j))
+        if seasonal:
+            # The median change over the last seasons: one anomalous season leaves no echo.
+            past = np.stack(
+                [_shift(y, k * s) - _shift(y, k * s + h) for k in range(1, _SEASONS + 1)]
+            )
+            known = np.isfinite(past).any(axis=0)
+            change = np.full(n, np.nan)
+            change[known] = np.nanmedian(past[:, known], axis=0)
+            columns.append(change)
+        return np.stack(columns, axis=1) if columns else np.empty((n, 0))
+
+    def fit(self, values: npt.ArrayLike) -> AnomalyDetector:
+        """Fit the forecasters and seed the calibration windows on `values` (a clean start).
+
+        Raises:
+            DataError: bad values, or fewer known points than the forecasts need.
+        """
+        y = _forward_fill(_as_series(values, "values"))
+        settings = self.settings
+        known = y[~np.isnan(y)]
+        if known.size < settings.min_fit_points:
+            raise DataError(
+                f"values: {known.size} known points are too few to fit the anomaly detector; "
+                f"it needs at least {settings.min_fit_points} "
+                f"(horizons {settings.horizons}, lags {settings.lags})",
+                field="values",
+            )
+        if settings.season is None:
+            self.season = detect_season(y, settings.max_season)
+        else:
+            self.season = settings.season
+        spread = float(np.subtract(*np.percentile(known, [75, 25])))
+        if spread <= 0:
+            spread = float(np.std(known))
+        # Residuals below this are rounding, not signal: a noise-free series must not alarm.
+        self._resolution = 1e-3 * spread if spread > 0 else 1e-9 * (1.0 + abs(float(known[0])))
+        self._horizons = []
+        for h in settings.horizons:
+            seasonal = self.season > 0 and len(y) >= self._needed(h, True) + 3 * (settings.lags + 2)
+            horizon = _Horizon(
+                h=h,
+                seasonal=seasonal,
+                weights=np.zeros(0),
+                mean=np.zeros(0),
+                scale=np.zeros(0),
+                calibration=_Calibration(
+                    settings.calibration_window, settings.tail_fraction, self._resolution
+                ),
+            )
+            residuals = self._fit_horizon(horizon, y)
+            for a in residuals[-settings.calibration_window :]:
+                horizon.calibration.remember(self._nonconformity(float(a)))
+            self._horizons.append(horizon)
+        self._agreement = _Calibration(settings.calibration_window, settings.tail_fraction, 1e-6)
+        return self
+
+    def _fit_horizon(self, horizon: _Horizon, y: FloatArray) -> FloatArray:
+        """Ridge fit of the horizon's forecaster on `y`; return its absolute residuals."""
+        x = self._features(y, horizon.h, horizon.seasonal)
+        target = y - _shift(y, horizon.h)
+        usable = np.isfinite(x).all(axis=1) & np.isfinite(target)
+        xs, ts = x[usable], target[usable]
+        mean = xs.mean(axis=0)
+        scale = xs.std(axis=0)
+        scale[scale <= 0] = 1.0
+        z = (xs - mean) / scale
+        gram = z.T @ z + self.settings.ridge * len(z) * np.eye(z.shape[1])
+        intercept = float(ts.mean())
+        weights = np.linalg.solve(gram, z.T @ (ts - intercept))
+        horizon.weights = np.concatenate([[intercept], weights])
+        horizon.mean, horizon.scale = mean, scale
+        return np.abs(ts - intercept - z @ weights)
+
+    def _forecast(self, horizon: _Horizon, y: FloatArray) -> FloatArray:
+        """The h-step forecast of every point of `y` (NaN where the past is too short)."""
+        x = self._features(y, horizon.h, horizon.seasonal)
+        z = (x - horizon.mean) / horizon.scale
+        return _shift(y, horizon.h) + horizon.weights[0] + z @ horizon.weights[1:]
+
+    def _impute(self, raw: FloatArray, missing: npt.NDArray[np.bool_]) -> FloatArray:
+        """Missing points replaced, in time order, by the shortest horizon's forecast of them.
+
+        A forward fill alone would make the first point after a gap look like a jump.
+        """
+        y = _forward_fill(raw)
+        horizon = min(self._horizons, key=lambda hz: hz.h)
+        reach = self._needed(horizon.h, horizon.seasonal) + (_SEASONS - 1) * self.season + 1
+        for t in np.flatnonzero(missing):
+            if t >= reach:
+                local = y[t - reach : t + 1]
+                y[t] = self._forecast(horizon, local)[-1]
+        return y
+
+    @property
+    def _alarm_surprise(self) -> float:
+        return -math.log(self.settings.false_alarm_rate)
+
+    def _nonconformity(self, absolute_residual: float) -> float:
+        return max(absolute_residual - self._resolution, 0.0)
+
+    def score(
+        self,
+        values: npt.ArrayLike,
+        *,
+        start: int = 0,
+        expected: npt.ArrayLike | None = None,
+    ) -> AnomalyResult:
+        """Score every point of `values` causally; the calibration windows move on as it goes.
+
+        The detector is a stream: a second call continues from the calibration the first one
+        left (fit again to start over).
+
+        Args:
+            values: the series [n], NaN where a value is missing.
+            start: points before it are history only (score 0, not flagged, not calibrated).
+            expected: optional one-step forecasts [n] from another model (e.g. the served one),
+                used instead of the built-in one-step forecaster where they are not NaN.
+
+        Raises:
+            ModelError: `score` before `fit`.
+            DataError: bad values, start or expected.
+        """
+        if not self.is_fitted:
+            raise ModelError("the anomaly detector must be fitted before score()")
+        raw = _as_series(values, "values")
+        n = len(raw)
+        if not 0 <= start <= n:
+            raise DataError(f"start: {start} is not within [0, {n}]", field="start")
+        external = None
+        if expected is not None:
+            external = _as_series(expected, "expected")
+            if external.shape != (n,):
+                raise DataError(
+                    f"expected: {external.shape[0]} forecasts for {n} values", field="expected"
+                )
+        missing = np.isnan(raw)
+        y = self._impute(raw, missing)
+        forecasts = [self._forecast(horizon, y) for horizon in self._horizons]
+        if external is not None:
+            for forecast, horizon in zip(forecasts, self._horizons, strict=True):
+                if horizon.h == 1:
+                    forecast[~np.isnan(external)] = external[~np.isnan(external)]
+        log_p = np.zeros(n)
+        half_width = np.full(n, np.nan)
+        first = self._horizons[0].calibration
+        for t in range(start, n):
+            half_width[t] = first.quantile(self.settings.false_alarm_rate)
+            if not missing[t]:
+                log_p[t] = self._log_p_value(t, raw, forecasts)
+
+        reported = _hold(-log_p, self.settings.hold, self._alarm_surprise)
+        # S / (S + S_alpha) never saturates (1 - p is 1.0 in floats once p < 1e-16) and is 0.5
+        # exactly at the flag threshold.
+        score = reported / (reported + self._alarm_surprise)
+        one_step = forecasts[0] if self._horizons[0].h == 1 else _shift(y, 1)
+        half_width += self._resolution
+        return AnomalyResult(
+            score=score,
+            is_anomaly=reported >= self._alarm_surprise,
+            p_value=np.exp(log_p),
+            expected=one_step,
+            lower=one_step - half_width,
+            upper=one_step + half_width,
+        )
+
+    def _log_p_value(self, t: int, raw: FloatArray, forecasts: list[FloatArray]) -> float:
+        """Combined log p-value of point t; its residuals then join the calibration windows."""
+        best, total = 0.0, 0.0
+        for horizon, forecast in zip(self._horizons, forecasts, strict=True):
+            r = abs(raw[t] - forecast[t])
+            if math.isnan(r):
+                continue
+            a = self._nonconformity(r)
+            log_p = horizon.calibration.log_p_value(a)
+            best, total = min(best, log_p), total - log_p
+            horizon.calibration.remember(a)
+        # The horizons agreeing (Fisher's sum of surprises) is one more test, calibrated as well.
+        if len(self._agreement) >= _MIN_AGREEMENT:
+            best = min(best, self._agreement.log_p_value(total))
+        self._agreement.remember(total)
+        return min(0.0, math.log(len(self._horizons) + 1) + best)
+
+
+def _shift(y: FloatArray, k: int) -> FloatArray:
+    """y delayed by k steps: out[t] = y[t - k], NaN for t < k."""
+    out = np.full(len(y), np.nan)
+    if k < len(y):
+        out[k:] = y[: len(y) - k]
+    return out
+
+
+def _hold(surprise: FloatArray, hold: int, alarm: float) -> FloatArray:
+    """Zero the surprise of the `hold` points after an alarm unless `_RENEW` x as surprising.
+
+    An alarm is a point whose surprise reaches `alarm`; the points after it (below the alarm level
+    too) are the rest of its event, old news.
+    """
+    out = surprise.copy()
+    last_alarm, alarm_level = -(hold + 1), 0.0
+    for t, s in enumerate(surprise):
+        if t - last_alarm <= hold and s < _RENEW * alarm_level:
+            out[t] = 0.0
+        elif s >= alarm:
+            last_alarm, alarm_level = t, float(s)
+    return out

@@ -1,0 +1,294 @@
+"""The causal forecast-residual anomaly detector (forecaster/anomaly.py) and the detect job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from forecaster.anomaly import (
+    AnomalyDetector,
+    DetectorSettings,
+    detect_season,
+    probationary_length,
+)
+from forecaster.data import generate_plant
+from forecaster.errors import DataError, ModelError
+from pipelines.detect import FLAG_COL, SCORE_COL, detect_values, run_detect
+
+SEASON = 24
+
+
+def _seasonal(n: int, seed: int = 0, noise: float = 0.3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    return 10 + 3 * np.sin(2 * np.pi * t / SEASON) + rng.normal(0, noise, n)
+
+
+def _fitted(values: np.ndarray, n_fit: int, **kwargs: object) -> AnomalyDetector:
+    return AnomalyDetector(DetectorSettings(**kwargs)).fit(values[:n_fit])  # type: ignore[arg-type]
+
+
+def test_detect_season_finds_the_period_and_none_in_noise() -> None:
+    assert detect_season(_seasonal(600)) == SEASON
+    assert detect_season(np.random.default_rng(1).normal(size=600)) == 0
+
+
+def test_spike_is_flagged_and_scores_highest() -> None:
+    y = _seasonal(1500)
+    y[1000] += 4.0  # about 13 noise standard deviations
+    result = _fitted(y, 300).score(y, start=300)
+    assert result.is_anomaly[1000]
+    assert int(np.argmax(result.score)) == 1000
+    assert result.score[1000] > 0.5
+
+
+def test_level_shift_is_flagged_once_then_rebaselined() -> None:
+    y = _seasonal(2000, seed=2)
+    y[1200:] += 3.0
+    detector = _fitted(y, 300)
+    result = detector.score(y, start=300)
+    assert result.is_anomaly[1200:1205].any()
+    # After the longest horizon has passed the shift, the new level is normal again.
+    settled = 1200 + max(detector.settings.horizons) + detector.settings.lags + SEASON
+    assert result.is_anomaly[settled:].sum() <= 2
+
+
+def test_false_alarm_rate_on_noise_is_at_most_the_configured_one() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.normal(0.0, 1.0, 6000)
+    rate = 0.01
+    result = _fitted(y, 500, false_alarm_rate=rate, hold=0).score(y, start=500)
+    assert result.is_anomaly[500:].mean() <= 1.5 * rate
+
+
+def test_one_step_interval_covers_at_the_configured_rate() -> None:
+    y = _seasonal(4000, seed=4)
+    rate = 0.05
+    result = _fitted(y, 500, false_alarm_rate=rate).score(y, start=500)
+    inside = (y[500:] >= result.lower[500:]) & (y[500:] <= result.upper[500:])
+    assert inside.mean() >= 1 - 2 * rate
+    assert (result.lower[500:] <= result.expected[500:]).all()
+    assert (result.expected[500:] <= result.upper[500:]).all()
+
+
+def test_scores_are_causal() -> None:
+    y = _seasonal(900, seed=5)
+    changed = y.copy()
+    changed[700:] += np.random.default_rng(6).normal(0, 5, 200)
+    before = _fitted(y, 300).score(y, start=300)
+    after = _fitted(changed, 300).score(changed, start=300)
+    np.testing.assert_array_equal(before.score[:700], after.score[:700])
+    np.testing.assert_array_equal(before.expected[:700], after.expected[:700])
+
+
+def test_missing_values_score_zero_and_do_not_break_the_forecasts() -> None:
+    y = _seasonal(1200, seed=7)
+    y[[500, 501, 502, 900]] = np.nan
+    result = _fitted(y, 300).score(y, start=300)
+    assert (result.score[[500, 501, 502, 900]] == 0).all()
+    assert not result.is_anomaly[[500, 501, 502, 900]].any()
+    assert np.isfinite(result.score).all()
+    assert not result.is_anomaly[503:520].any()
+
+
+def test_noise_free_series_never_alarms() -> None:
+    t = np.arange(2000)
+    y = np.sin(2 * np.pi * t / SEASON)
+    result = _fitted(y, 300).score(y, start=300)
+    assert not result.is_anomaly.any()
+
+
+def test_probationary_rows_are_history_only() -> None:
+    y = _seasonal(800)
+    result = _fitted(y, 300).score(y, start=300)
+    assert (result.score[:300] == 0).all()
+    assert np.isnan(result.lower[:300]).all()
+
+
+def test_external_one_step_forecasts_are_scored() -> None:
+    y = _seasonal(1000, seed=8)
+    t = np.arange(1000)
+    perfect = 10 + 3 * np.sin(2 * np.pi * t / SEASON)
+    wrong = perfect.copy()
+    wrong[800] += 20.0  # a forecast far off makes its point surprising
+    detector = _fitted(y, 300, horizons=(1,))
+    result = detector.score(y, start=300, expected=wrong)
+    np.testing.assert_allclose(result.expected[300:], wrong[300:])
+    assert result.is_anomaly[800]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(
+        st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=120, max_size=200
+    )
+)
+def test_score_is_in_unit_interval_for_any_finite_series(values: list[float]) -> None:
+    y = np.asarray(values)
+    result = _fitted(y, 80).score(y, start=80)
+    assert np.isfinite(result.score).all()
+    assert ((result.score >= 0) & (result.score <= 1)).all()
+    np.testing.assert_array_equal(result.is_anomaly, result.score >= 0.5)
+
+
+def test_score_before_fit_is_refused() -> None:
+    with pytest.raises(ModelError, match="fitted before score"):
+        AnomalyDetector().score(np.zeros(10))
+
+
+def test_too_short_fit_segment_is_refused() -> None:
+    settings = DetectorSettings()
+    AnomalyDetector(settings).fit(_seasonal(settings.min_fit_points))
+    short = _seasonal(settings.min_fit_points - 1)
+    with pytest.raises(DataError, match=f"{settings.min_fit_points - 1} known points are too few"):
+        AnomalyDetector(settings).fit(short)
+
+
+def test_bad_settings_name_the_field() -> None:
+    with pytest.raises(ModelError, match="false_alarm_rate: 1.5 is not in"):
+        DetectorSettings(false_alarm_rate=1.5)
+    with pytest.raises(ModelError, match="horizons"):
+        DetectorSettings(horizons=(0,))
+    with pytest.raises(ModelError, match="ridge: 0 is not > 0"):
+        DetectorSettings(ridge=0)
+
+
+def test_infinite_values_name_the_row() -> None:
+    y = _seasonal(400)
+    detector = _fitted(y, 300)
+    y[350] = np.inf
+    with pytest.raises(DataError, match="row 350"):
+        detector.score(y)
+
+
+def test_injected_plant_anomalies_are_found() -> None:
+    plant = generate_plant(n_series=3, length=24 * 7 * 8, seed=11)
+    labels = plant.labels()
+    found, events = 0, 0
+    for _, rows in plant.frame.groupby("unique_id", sort=False).indices.items():
+        y = plant.frame["y"].to_numpy()[rows]
+        result, probation = detect_values(y)
+        label = labels[rows]
+        starts = np.flatnonzero(label & ~np.r_[False, label[:-1]])
+        ends = np.flatnonzero(label & ~np.r_[label[1:], False])
+        for first, last in zip(starts, ends, strict=True):
+            if first >= probation:  # found: flagged from its first row to 3 rows past its last
+                events += 1
+                found += bool(result.is_anomaly[first : last + 4].any())
+    assert events >= 6
+    assert found / events >= 0.6
+
+
+# ---------------------------------------------------------------------------------------------
+# The detect job
+
+
+def test_run_detect_keeps_rows_and_adds_score_and_flag(tmp_path: Path) -> None:
+    y = _seasonal(1200, seed=9)
+    y[900] += 5.0
+    frame = pd.DataFrame(
+        {"timestamp": pd.date_range("2024-01-01", periods=1200, freq="5min"), "value": y}
+    )
+    frame.loc[400, "value"] = np.nan
+    source, target = tmp_path / "nab.csv", tmp_path / "out" / "scored.csv"
+    frame.to_csv(source, index=False)
+    report = run_detect(source, target, None)
+    out = pd.read_csv(target)
+    assert list(out.columns) == ["timestamp", "value", SCORE_COL, FLAG_COL]
+    assert len(out) == 1200 == report.rows
+    pd.testing.assert_series_equal(out["value"], pd.read_csv(source)["value"])
+    probation = probationary_length(1200)
+    assert report.probation_rows == {"nab": probation}
+    assert (out[SCORE_COL].iloc[:probation] == 0).all()
+    assert bool(out[FLAG_COL].iloc[900])
+    assert out[SCORE_COL].iloc[400] == 0
+    assert report.flagged == int(out[FLAG_COL].sum())
+    assert not list(target.parent.glob(".*.tmp"))
+
+
+def test_run_detect_scores_long_format_per_series_in_input_order(tmp_path: Path) -> None:
+    stamps = pd.date_range("2024-01-01", periods=600, freq="h")
+    a, b = _seasonal(600, seed=1), _seasonal(600, seed=2) * 100
+    b[500] += 400.0
+    frame = pd.DataFrame(
+        {
+            "unique_id": ["a"] * 600 + ["b"] * 600,
+            "ds": list(stamps) * 2,
+            "y": np.concatenate([a, b]),
+        }
+    ).sample(frac=1.0, random_state=0)  # shuffled rows: output keeps this order
+    source, target = tmp_path / "long.csv", tmp_path / "scored.csv"
+    frame.to_csv(source, index=False)
+    report = run_detect(source, target, None)
+    out = pd.read_csv(target)
+    assert report.series == 2
+    pd.testing.assert_frame_equal(out[["unique_id", "y"]], pd.read_csv(source)[["unique_id", "y"]])
+    spike = (out["unique_id"] == "b") & (pd.to_datetime(out["ds"]) == stamps[500])
+    assert bool(out.loc[spike, FLAG_COL].iloc[0])
+
+
+def test_run_detect_names_a_duplicated_timestamp(tmp_path: Path) -> None:
+    frame = pd.DataFrame(
+        {"timestamp": pd.date_range("2024-01-01", periods=300, freq="h"), "value": _seasonal(300)}
+    )
+    frame.loc[200, "timestamp"] = frame.loc[199, "timestamp"]
+    source = tmp_path / "dup.csv"
+    frame.to_csv(source, index=False)
+    with pytest.raises(DataError, match="row 200: timestamp .* is duplicated"):
+        run_detect(source, tmp_path / "out.csv", None)
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_run_detect_names_a_value_that_is_not_a_number(tmp_path: Path) -> None:
+    frame = pd.DataFrame(
+        {"timestamp": pd.date_range("2024-01-01", periods=300, freq="h"), "value": _seasonal(300)}
+    )
+    frame["value"] = frame["value"].astype(object)
+    frame.loc[250, "value"] = "oops"
+    source = tmp_path / "bad.csv"
+    frame.to_csv(source, index=False)
+    with pytest.raises(DataError, match="row 250: value 'oops' is not a number"):
+        run_detect(source, tmp_path / "out.csv", None)
+
+
+def test_run_detect_refuses_a_series_too_short_for_its_probation(tmp_path: Path) -> None:
+    frame = pd.DataFrame(
+        {"timestamp": pd.date_range("2024-01-01", periods=100, freq="h"), "value": _seasonal(100)}
+    )
+    source = tmp_path / "short.csv"
+    frame.to_csv(source, index=False)
+    with pytest.raises(DataError, match="series 'short' \\(100 rows\\).*too few"):
+        run_detect(source, tmp_path / "out.csv", None)
+
+
+def test_a_burst_raises_one_alarm() -> None:
+    y = _seasonal(1500, seed=12)
+    y[1000:1004] += 6.0  # four consecutive outliers: one event
+    result = _fitted(y, 300).score(y, start=300)
+    assert result.is_anomaly[1000]
+    assert result.is_anomaly[1001:1060].sum() == 0
+
+
+def test_settings_default_without_a_config_section() -> None:
+    from forecaster.config import Config
+    from pipelines.detect import settings_from
+
+    assert settings_from(None) == DetectorSettings()
+    assert settings_from(Config(name="job")) == DetectorSettings()
+
+
+def test_run_detect_names_an_unparsable_timestamp(tmp_path: Path) -> None:
+    frame = pd.DataFrame(
+        {"timestamp": pd.date_range("2024-01-01", periods=300, freq="h"), "value": _seasonal(300)}
+    )
+    frame["timestamp"] = frame["timestamp"].astype(str)
+    frame.loc[120, "timestamp"] = "not a time"
+    source = tmp_path / "bad_time.csv"
+    frame.to_csv(source, index=False)
+    with pytest.raises(DataError, match="row 120: timestamp 'not a time' cannot be parsed"):
+        run_detect(source, tmp_path / "out.csv", None)
