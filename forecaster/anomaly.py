@@ -11,9 +11,17 @@ Calibration. Each horizon's absolute residuals get conformal p-values against a 
 of that horizon's past residuals (seeded with the fit segment's in-sample residuals, updated online
 after every point), with an exponential tail fitted to the window's largest residuals so that
 p-values keep falling past the largest residual seen. One more test, calibrated the same way,
-scores the horizons' agreement (the sum of their surprises, Fisher's statistic). The tests are
+scores the horizons' agreement (the sum of their surprises, Fisher's statistic).
+
+Distribution change. Residuals catch points the forecasts did not expect, not a change of
+behaviour made of unremarkable points (spikes coming more often, a wider spread, a slow excursion
+to an unusual level). A second kind of test ranks each value among the `calibration_window`
+values before it, turns the rank into a normal score z and scores the last `change_window`
+points: `|sum z| / sqrt(k)` (a shift of level) and `(sum z^2 - k) / sqrt(2k)` (a rise of spread or
+spike rate). Each statistic gets a conformal p-value against its own past values, the same way
+as the residuals; the fit segment seeds the history and the statistics' past. All tests are
 combined by Bonferroni, `p = min(1, K min_k p_k)`, so a point is flagged at no more than the
-configured false-alarm rate when residuals are exchangeable.
+configured false-alarm rate when the series is exchangeable.
 
 Alarms. The surprise `S = -ln p` of a point is kept only when it is news: for `hold` points after
 an alarm, only a point at least twice as surprising as the alarm counts (one event, one alarm).
@@ -21,8 +29,8 @@ an alarm, only a point at least twice as surprising as the alarm counts (one eve
 never saturated (1 - p rounds to 1 once p < 1e-16), and exactly 0.5 at the flag threshold, so
 `is_anomaly = score >= 0.5`.
 
-Missing values (NaN) score 0 and are never flagged; inside the forecasts' inputs they are replaced
-by the one-step forecast of them.
+Missing values (NaN) score 0, are never flagged and stay out of the distribution-change history;
+inside the forecasts' inputs they are replaced by the one-step forecast of them.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import numpy.typing as npt
@@ -54,6 +63,8 @@ _SEASONS = 3  # seasons whose median change feeds the seasonal forecasts
 _PERIOD_TOLERANCE = 0.05  # autocorrelation below the best within which a shorter period wins
 _RENEW = 2.0  # how many times the last alarm's surprise a point needs to alarm during a hold
 _MIN_AGREEMENT = 100  # scored points before the horizons' agreement is tested
+_NORMAL = NormalDist()
+_CHANGE_WARMUP = 10  # windows' worth of statistics before the change test counts
 PROBATION_FRACTION = 0.15
 PROBATION_CAP_ROWS = 5000  # NAB caps the probationary period at 15% of 5,000 rows (750)
 
@@ -76,6 +87,8 @@ class DetectorSettings:
         calibration_window: past residuals per horizon that calibrate the p-values.
         tail_fraction: share of the window's largest residuals the exponential tail is fitted on.
         hold: points after an alarm during which only a point twice as surprising scores.
+        change_window: recent points whose ranks in the trailing `calibration_window` values
+            the distribution-change test scores (0: no such test).
         ridge: L2 penalty of the forecasters, relative to the feature variance.
     """
 
@@ -88,6 +101,7 @@ class DetectorSettings:
     tail_fraction: float = 0.05
     ridge: float = 1e-3
     hold: int = 100
+    change_window: int = 32
 
     @property
     def min_fit_points(self) -> int:
@@ -108,6 +122,8 @@ class DetectorSettings:
             problems.append(f"calibration_window: {self.calibration_window} is not >= 10")
         if not 0 < self.tail_fraction < 0.5:
             problems.append(f"tail_fraction: {self.tail_fraction} is not in (0, 0.5)")
+        if self.change_window < 0 or 0 < self.change_window < 2:
+            problems.append(f"change_window: {self.change_window} must be 0 or >= 2")
         if self.hold < 0:
             problems.append(f"hold: {self.hold} is not >= 0")
         if self.ridge <= 0:
@@ -243,6 +259,59 @@ class _Calibration:
         return u + beta * math.log((m + 1) / ((n + 1) * alpha))
 
 
+class _Change:
+    """Distribution-change test: do the last k values rank unusually in the trailing history?
+
+    Each value is ranked among the `history` values before it (mid-rank for ties) and turned into
+    a normal score z. Two statistics of the last k scores, each calibrated conformally on its own
+    past: |sum z| / sqrt(k), a shift of level either way, and (sum z^2 - k) / sqrt(2k), a rise of
+    spread or of spike rate (one-sided: a calmer stretch is not news). Under exchangeable values
+    sum z / sqrt(k) and the second statistic are about standard normal. Tests start once
+    `_CHANGE_WARMUP * k` statistics are known: the tail fit needs more than a few
+    (overlapping, hence correlated) windows.
+    """
+
+    def __init__(self, k: int, history: int, tail_fraction: float) -> None:
+        self.k = k
+        self.history = history
+        self.sorted: list[float] = []
+        self.order: deque[float] = deque()
+        self.recent: deque[float] = deque()
+        self.sum_z = 0.0
+        self.sum_z2 = 0.0
+        self.level = _Calibration(history, tail_fraction, 1e-9)
+        self.spread = _Calibration(history, tail_fraction, 1e-9)
+
+    def update(self, value: float) -> float:
+        """Add `value`; the smaller log p-value of the two statistics (0 while warming up)."""
+        n = len(self.sorted)
+        log_p = 0.0
+        if n >= 2 * self.k:
+            below = bisect.bisect_left(self.sorted, value)
+            ties = bisect.bisect_right(self.sorted, value) - below
+            z = _NORMAL.inv_cdf((below + 0.5 * ties + 0.5) / (n + 1))
+            self.recent.append(z)
+            self.sum_z += z
+            self.sum_z2 += z * z
+            if len(self.recent) > self.k:
+                old = self.recent.popleft()
+                self.sum_z -= old
+                self.sum_z2 -= old * old
+            if len(self.recent) == self.k:
+                level = abs(self.sum_z) / math.sqrt(self.k)
+                spread = (self.sum_z2 - self.k) / math.sqrt(2 * self.k)
+                # Overlapping windows make the statistics correlated: wait for ~10 disjoint ones.
+                if len(self.level) >= _CHANGE_WARMUP * self.k:
+                    log_p = min(self.level.log_p_value(level), self.spread.log_p_value(spread))
+                self.level.remember(level)
+                self.spread.remember(spread)
+        bisect.insort(self.sorted, value)
+        self.order.append(value)
+        if len(self.order) > self.history:
+            del self.sorted[bisect.bisect_left(self.sorted, self.order.popleft())]
+        return log_p
+
+
 @dataclass
 class _Horizon:
     """A direct forecaster of `y[t] - y[t-h]` and the calibration of its residuals."""
@@ -263,6 +332,7 @@ class AnomalyDetector:
         self.season = 0
         self._resolution = 0.0
         self._horizons: list[_Horizon] = []
+        self._change: _Change | None = None
 
     @property
     def is_fitted(self) -> bool:
@@ -298,7 +368,8 @@ class AnomalyDetector:
         Raises:
             DataError: bad values, or fewer known points than the forecasts need.
         """
-        y = _forward_fill(_as_series(values, "values"))
+        raw = _as_series(values, "values")
+        y = _forward_fill(raw)
         settings = self.settings
         known = y[~np.isnan(y)]
         if known.size < settings.min_fit_points:
@@ -335,6 +406,13 @@ class AnomalyDetector:
                 horizon.calibration.remember(self._nonconformity(float(a)))
             self._horizons.append(horizon)
         self._agreement = _Calibration(settings.calibration_window, settings.tail_fraction, 1e-6)
+        self._change = None
+        if settings.change_window:
+            self._change = _Change(
+                settings.change_window, settings.calibration_window, settings.tail_fraction
+            )
+            for value in raw[~np.isnan(raw)]:
+                self._change.update(float(value))
         return self
 
     def _fit_horizon(self, horizon: _Horizon, y: FloatArray) -> FloatArray:
@@ -448,7 +526,9 @@ class AnomalyDetector:
 
     def _log_p_value(self, t: int, raw: FloatArray, forecasts: list[FloatArray]) -> float:
         """Combined log p-value of point t; its residuals then join the calibration windows."""
-        best, total = 0.0, 0.0
+        best, total, tests = 0.0, 0.0, len(self._horizons) + 1
+        if self._change is not None:
+            best, tests = self._change.update(float(raw[t])), tests + 2
         for horizon, forecast in zip(self._horizons, forecasts, strict=True):
             r = abs(raw[t] - forecast[t])
             if math.isnan(r):
@@ -461,7 +541,7 @@ class AnomalyDetector:
         if len(self._agreement) >= _MIN_AGREEMENT:
             best = min(best, self._agreement.log_p_value(total))
         self._agreement.remember(total)
-        return min(0.0, math.log(len(self._horizons) + 1) + best)
+        return min(0.0, math.log(tests) + best)
 
 
 def _shift(y: FloatArray, k: int) -> FloatArray:

@@ -156,6 +156,8 @@ def test_bad_settings_name_the_field() -> None:
         DetectorSettings(horizons=(0,))
     with pytest.raises(ModelError, match="ridge: 0 is not > 0"):
         DetectorSettings(ridge=0)
+    with pytest.raises(ModelError, match="change_window: 1 must be 0 or >= 2"):
+        DetectorSettings(change_window=1)
 
 
 def test_infinite_values_name_the_row() -> None:
@@ -164,6 +166,31 @@ def test_infinite_values_name_the_row() -> None:
     y[350] = np.inf
     with pytest.raises(DataError, match="row 350"):
         detector.score(y)
+
+
+def test_a_small_sustained_shift_is_found_by_the_distribution_change_test() -> None:
+    # A 2-sigma step: no single residual is remarkable, the ranks of the values after it are.
+    found = {32: 0, 0: 0}
+    for seed in range(8):
+        y = np.random.default_rng(seed).normal(0.0, 1.0, 3000)
+        y[2000:] += 2.0
+        for window in found:
+            result = _fitted(y, 600, change_window=window).score(y, start=600)
+            found[window] += bool(result.is_anomaly[2000:2064].any())
+    assert found[32] >= 6
+    assert found[0] <= 2
+
+
+def test_false_alarm_rate_holds_after_a_short_fit_segment() -> None:
+    # Few (overlapping, correlated) windows of statistics would make the change test's tail too
+    # thin: it waits for enough of them, so noise is flagged at about the configured rate.
+    flagged, scored = 0, 0
+    for seed in range(10):
+        y = np.random.default_rng(seed).normal(0.0, 1.0, 1200)
+        result = _fitted(y, 150, hold=0).score(y, start=150)
+        flagged += int(result.is_anomaly.sum())
+        scored += len(y) - 150
+    assert flagged / scored <= 2 * DetectorSettings().false_alarm_rate
 
 
 def test_injected_plant_anomalies_are_found() -> None:
