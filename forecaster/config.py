@@ -152,13 +152,39 @@ class LossConfig(_Section):
 
 
 class FeedbackConfig(_Section):
-    """The fixed state feedback d of fixed-feedback training (ALGORITHMS.md §5.3)."""
+    """The fixed state feedback d of fixed-feedback training (ALGORITHMS.md §5.3) and the
+    model-side checks of its assumption (§5.5 checks 2-4)."""
 
     kind: Literal["jacobian_mean", "constant", "ssm_grid"] = "jacobian_mean"
     value: float = Field(0.9, gt=-1, lt=1, description="d for kind 'constant'")
     rho_max: float = Field(0.999, gt=0, lt=1, description="clip of |d_u|")
     refresh_every: int = Field(1, ge=1, description="epochs between estimates of d")
     estimate_batches: int = Field(4, ge=1)
+    # The model-side gate (ALGORITHMS.md §5.5 checks 2-4; forecaster/training/gate.py).
+    gate: bool = Field(True, description="check the fixed-feedback assumption on the model")
+    gate_batches: int = Field(4, ge=1, description="validation batches K of the model gate")
+    min_cosine: float = Field(
+        0.8, ge=-1, description="gradient agreement: least cosine (> 1 always fails)"
+    )
+    min_norm_ratio: float = Field(0.5, gt=0, description="least |g_feedback| / |g_bptt|")
+    max_norm_ratio: float = Field(2.0, gt=0, description="largest |g_feedback| / |g_bptt|")
+    max_jacobian_cv: float = Field(
+        0.5, gt=0, description="Jacobian stationarity: largest median per-unit CV over time"
+    )
+    recheck_every: int = Field(
+        2, ge=0, description="epochs between gradient-agreement rechecks (0: never)"
+    )
+    recheck_failures: int = Field(
+        2, ge=1, description="consecutive failed rechecks that switch training to BPTT"
+    )
+
+    @model_validator(mode="after")
+    def _check_norm_ratio(self) -> FeedbackConfig:
+        if self.min_norm_ratio > self.max_norm_ratio:
+            raise ValueError(
+                f"min_norm_ratio {self.min_norm_ratio} exceeds max_norm_ratio {self.max_norm_ratio}"
+            )
+        return self
 
 
 class TrainConfig(_Section):
@@ -195,6 +221,9 @@ class AnomalyConfig(_Section):
     tail_fraction: float = Field(0.05, gt=0, lt=0.5)
     hold: int = Field(100, ge=0, description="points after an alarm that need 2x surprise")
     ridge: float = Field(1e-3, gt=0)
+    change_window: int = Field(
+        32, ge=0, description="recent points the distribution-change test scores; 0: off"
+    )
 
 
 class Config(_Section):

@@ -165,7 +165,7 @@ def train_model(
         seed=config.seed,
         method_reason=reason,
     )
-    return result.model, result.history.method, reason, result.history
+    return result.model, result.history.method, result.history.method_reason, result.history
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,9 @@ class Checkpoint:
         plateau_state: the trainer's plateau / early-stopping counters (plain values).
         rng: global random states after the epoch.
         shuffle_state: `bit_generator.state` of the trainer's shuffling generator.
-        history: the run's history so far, as plain values (`TrainHistory.to_dict()`).
+        history: the run's history so far, as plain values (`TrainHistory.to_dict()`); it
+            carries the method in use, so a switch to BPTT by the model-side gate (with its
+            reports and switch epoch) survives a resume.
         best_state: the weights with the best validation loss so far (CPU tensors).
         feedback_d: the fixed feedback in use `[S]`, or None.
         config_hash: `config_hash(...)` of the run; resuming under another hash is refused.

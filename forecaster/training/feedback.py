@@ -40,6 +40,7 @@ __all__ = [
     "estimate_feedback",
     "feedback_gradients",
     "jacobian_diagonal",
+    "jacobian_profile",
     "reverse_scan",
     "states_no_grad",
 ]
@@ -383,6 +384,55 @@ def jacobian_diagonal(
     )
 
 
+def jacobian_profile(
+    model: RecurrentForecaster,
+    batches: Iterable[Tensor | Sequence[Tensor]],
+    *,
+    max_batches: int | None = None,
+) -> Tensor:
+    """Per time step, the mean over windows of the Jacobian diagonal `diag(J_t)`: `[T, S]`.
+
+    The states are those the model visits on each window from a zero state (`states_no_grad`);
+    the diagonal is `jacobian_diagonal` (method auto). Its mean over time is the `jacobian_mean`
+    feedback (§5.3); its variation over time is the Jacobian-stationarity check (§5.5 check 3).
+
+    Args:
+        model: the forecaster.
+        batches: input windows `x [B, T, d]` (or `(x, ...)` tuples), all of the same `T`; moved
+            to the model's device and dtype.
+        max_batches: use at most this many batches (None: all).
+
+    Returns:
+        `[T, S]` float64 on the model's device, detached.
+
+    Raises:
+        ModelError: no batch, or batches of different window lengths.
+    """
+    reference = model.head.weight
+    total: Tensor | None = None
+    count = 0
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        x = _batch_inputs(batch).to(device=reference.device, dtype=reference.dtype)
+        if total is not None and x.shape[1] != total.shape[0]:
+            raise ModelError(
+                f"batches: windows of {x.shape[1]} and {total.shape[0]} steps; the Jacobian "
+                "profile needs one window length",
+                field="batches",
+            )
+        with torch.no_grad():
+            s_prev = states_no_grad(model, x)[:, :-1]  # [B, T, S]
+        diagonal = jacobian_diagonal(model, x, s_prev).to(torch.float64).sum(dim=0)  # [T, S]
+        total = diagonal if total is None else total + diagonal
+        count += x.shape[0]
+    if total is None or count == 0:
+        raise ModelError(
+            "batches: no input window to estimate the Jacobian diagonal from", field="batches"
+        )
+    return total / count
+
+
 @dataclass(frozen=True, eq=False)
 class FeedbackEstimate:
     """A fixed feedback `d` and how it was obtained (ALGORITHMS.md §5.3, §5.5 check 2).
@@ -441,31 +491,20 @@ def estimate_feedback(
     width = model.state_size
     if config.kind == "constant":
         raw = torch.full((width,), float(config.value), dtype=torch.float64)
+    elif config.kind == "ssm_grid":
+        first = next(iter(batches), None)
+        if first is None:
+            raise ModelError(
+                "batches: no input window to estimate the 'ssm_grid' feedback from",
+                field="batches",
+            )
+        steps = _batch_inputs(first).shape[1]
+        tau = torch.logspace(0.0, math.log10(max(steps, 1)), width, dtype=torch.float64)
+        raw = torch.exp(-1.0 / tau)  # [S]
     else:
-        raw = None
-        total = torch.zeros(width, dtype=torch.float64, device=reference.device)
-        count = 0
-        for index, batch in enumerate(batches):
-            if config.kind == "jacobian_mean" and index >= config.estimate_batches:
-                break
-            x = _batch_inputs(batch).to(device=reference.device, dtype=reference.dtype)
-            if config.kind == "ssm_grid":
-                steps = x.shape[1]
-                tau = torch.logspace(0.0, math.log10(max(steps, 1)), width, dtype=torch.float64)
-                raw = torch.exp(-1.0 / tau)  # [S]
-                break
-            with torch.no_grad():
-                s_prev = states_no_grad(model, x)[:, :-1]  # [B, T, S]
-            diagonal = jacobian_diagonal(model, x, s_prev)  # [B, T, S]
-            total += diagonal.to(torch.float64).sum(dim=(0, 1))
-            count += diagonal.shape[0] * diagonal.shape[1]
-        if raw is None:
-            if count == 0:
-                raise ModelError(
-                    f"batches: no input window to estimate the {config.kind!r} feedback from",
-                    field="batches",
-                )
-            raw = total / count
+        # Every window has the same T, so the mean over time of the per-step means is the mean
+        # over batch and time.
+        raw = jacobian_profile(model, batches, max_batches=config.estimate_batches).mean(dim=0)
     raw = raw.cpu()
     unclipped = float(raw.abs().max())
     d = raw.clamp(-config.rho_max, config.rho_max)

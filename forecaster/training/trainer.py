@@ -7,7 +7,11 @@ forecasting metric, unweighted: the MSE of the last-step forecast `[B, H]` over 
 window (ALGORITHMS.md §4.2 "Reporting"). A plateau (an evaluation that does not improve on the
 best) multiplies the learning rate by `lr_decay`; `patience` of them in a row stop the run, and
 the best weights are restored. Every evaluation counts: the one before training, the one at each
-epoch end and, with `eval_every > 0`, one every `eval_every` optimiser steps. Subscribers (the
+epoch end and, with `eval_every > 0`, one every `eval_every` optimiser steps. Feedback training
+is guarded by the model-side gate (`forecaster.training.gate`, ALGORITHMS.md §5.5 checks 2-4):
+before the first epoch (a failure trains with BPTT instead) and every `feedback.recheck_every`
+epochs (repeated failures switch to BPTT from the current weights); the reports, the method in
+use and the switch epoch are in the history and its checkpoint. Subscribers (the
 MLflow tracker) receive `on_epoch_end` and `on_train_end` events; the loop logs one INFO line per
 epoch.
 """
@@ -44,8 +48,9 @@ from forecaster.training.checkpoint import (
     save_checkpoint,
 )
 from forecaster.training.feedback import FeedbackEstimate, LossFn, estimate_feedback
+from forecaster.training.gate import ModelGateReport, gate_batches, run_model_gate
 from forecaster.training.gradients import compute_gradients
-from forecaster.training.windows import ForkingWindows
+from forecaster.training.windows import ForkingWindows, WindowBatch
 
 __all__ = [
     "EpochRecord",
@@ -105,6 +110,7 @@ class EpochRecord:
         spectral_radius: max |d_u| of the feedback in use (feedback only).
         unclipped_spectral_radius: the estimate's radius before clipping to `rho_max`.
         feedback_seconds: time spent estimating `d` this epoch (None when not re-estimated).
+        gate_seconds: time spent in the model-side gate before this epoch (None: it did not run).
     """
 
     epoch: int
@@ -121,6 +127,7 @@ class EpochRecord:
     spectral_radius: float | None = None
     unclipped_spectral_radius: float | None = None
     feedback_seconds: float | None = None
+    gate_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,8 +138,14 @@ class TrainHistory:
         epochs: one record per completed epoch.
         evaluations: every validation pass, the one before training included (epoch 0).
         requested_method: `config.method`.
-        method: the method used (BPTT when the model does not support feedback).
-        method_reason: why that method was used.
+        method: the method in use at the end (BPTT when the model does not support feedback or
+            the model-side gate failed; each epoch's own is in `epochs`).
+        method_reason: why that method was used (the caller's reason, then any switch).
+        model_gate: every run of the model-side gate (ALGORITHMS.md §5.5 checks 2-4): before
+            the first feedback epoch, then every `feedback.recheck_every` epochs.
+        switch_epoch: the first epoch trained with BPTT after the rechecks failed
+            `feedback.recheck_failures` times in a row (warm start from the weights of the
+            epoch before); None when feedback training was never switched mid-run.
         best_epoch: the epoch whose weights were kept (0: the initial weights were best).
         best_step: optimiser steps at the best evaluation.
         best_val_loss: the best validation loss.
@@ -147,6 +160,8 @@ class TrainHistory:
     requested_method: str = "feedback"
     method: str = "feedback"
     method_reason: str = ""
+    model_gate: tuple[ModelGateReport, ...] = ()
+    switch_epoch: int | None = None
     best_epoch: int = 0
     best_step: int = 0
     best_val_loss: float = math.inf
@@ -175,6 +190,9 @@ class TrainHistory:
         values = dict(data)
         values["epochs"] = tuple(EpochRecord(**record) for record in values["epochs"])
         values["evaluations"] = tuple(EvalRecord(**record) for record in values["evaluations"])
+        values["model_gate"] = tuple(
+            ModelGateReport.from_dict(report) for report in values.get("model_gate", ())
+        )
         return cls(**values)
 
 
@@ -370,6 +388,7 @@ class _Run:
     best_state: dict[str, Tensor] | None = None
     d: Tensor | None = None
     estimate: FeedbackEstimate | None = None
+    gate_data: list[WindowBatch] | None = None
     optimizer: torch.optim.Optimizer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -423,6 +442,7 @@ class _Run:
         _reset_peak_memory(self.device)
         order = self.train_windows.epoch_order(self.shuffle_rng, config.max_windows)
         feedback_seconds = self._refresh_feedback(order)
+        gate_seconds = self._model_gate()
         lr = self.optimizer.param_groups[0]["lr"]
         dtype = next(self.model.parameters()).dtype
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -479,6 +499,7 @@ class _Run:
                 None if estimate is None else float(estimate.unclipped_spectral_radius)
             ),
             feedback_seconds=feedback_seconds,
+            gate_seconds=gate_seconds,
         )
         self.history = replace(self.history, epochs=(*self.history.epochs, record))
         logger.info(
@@ -535,6 +556,65 @@ class _Run:
             self.estimate.unclipped_spectral_radius,
         )
         return time.perf_counter() - start
+
+    def _model_gate(self) -> float | None:
+        """The model-side gate (ALGORITHMS.md §5.5 checks 2-4) before a feedback epoch.
+
+        Before epoch 1 every check decides and a failure trains the whole run with BPTT; before
+        every `recheck_every`-th epoch after it, gradient agreement alone decides, and
+        `recheck_failures` failures in a row switch to BPTT from the current weights and
+        optimiser state. The reports, the method and the switch epoch live in the history, so
+        a resumed run continues with the method it had.
+        """
+        feedback = self.config.feedback
+        if self.method != "feedback" or self.d is None or not feedback.gate:
+            return None
+        initial = self.epoch == 1
+        if not initial and (
+            feedback.recheck_every == 0 or (self.epoch - 1) % feedback.recheck_every != 0
+        ):
+            return None
+        start = time.perf_counter()
+        if self.gate_data is None:
+            self.gate_data = gate_batches(
+                self.val_windows, feedback.gate_batches, self.config.batch_size
+            )
+        report = run_model_gate(
+            self.model,
+            self.gate_data,
+            self.loss_fn,
+            feedback,
+            self.d,
+            stage="init" if initial else "recheck",
+            epoch=self.epoch - 1,
+            checks=("stability", "jacobian", "gradient") if initial else ("gradient",),
+        )
+        reports = (*self.history.model_gate, report)
+        self.history = replace(self.history, model_gate=reports)
+        logger.info("model gate before epoch %d: %s", self.epoch, report.reason)
+        if initial and not report.passed:
+            self._switch_to_bptt(
+                f"model-side gate before training {report.reason}; trained with bptt"
+            )
+        elif not report.passed and _trailing_failures(reports) >= feedback.recheck_failures:
+            self.history = replace(self.history, switch_epoch=self.epoch)
+            self._switch_to_bptt(
+                f"gradient agreement failed at {feedback.recheck_failures} rechecks in a row "
+                f"(last: {report.reason}); switched to bptt from epoch {self.epoch} (warm start)"
+            )
+        return time.perf_counter() - start
+
+    def _switch_to_bptt(self, why: str) -> None:
+        logger.warning("%s", why)
+        self.method = "bptt"
+        self.d = None
+        self.estimate = None
+        reason = self.history.method_reason
+        self.history = replace(
+            self.history,
+            method="bptt",
+            method_reason=f"{reason}; {why}" if reason else why,
+        )
 
     def _evaluate(self, *, epoch: int) -> bool:
         """Validate, update best weights and learning rate; True when patience is exhausted."""
@@ -601,6 +681,13 @@ class _Run:
         self.history = replace(
             saved, device=self.history.device, memory_measure=self.history.memory_measure
         )
+        if saved.method not in ("feedback", "bptt", "tbptt"):
+            raise ConfigError(
+                f"checkpoint in {self.checkpoint_dir}: method {saved.method!r} is not one of "
+                "feedback, bptt, tbptt",
+                field="resume",
+            )
+        self.method = saved.method  # type: ignore[assignment]  # a gate switch survives resume
         self.best_state = checkpoint.best_state
         dtype = next(self.model.parameters()).dtype
         self.d = (
@@ -650,6 +737,16 @@ def _check_inputs(
             f"{train_windows.lookback}",
             field="lookback",
         )
+
+
+def _trailing_failures(reports: Sequence[ModelGateReport]) -> int:
+    """Failed gate runs at the end of `reports`, in a row."""
+    count = 0
+    for report in reversed(reports):
+        if report.passed:
+            break
+        count += 1
+    return count
 
 
 def _choose_method(
