@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -306,17 +307,89 @@ def demo(
         )
 
 
-models_app = typer.Typer(
-    help="Registered model versions and their aliases (MLflow registry).", no_args_is_help=True
-)
-app.add_typer(models_app, name="models")
-
 TrackingUriOption = Annotated[
     str | None,
     typer.Option(
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the embedded store)."
     ),
 ]
+# Crash-safety tests SIGKILL `retrain` at a named stage (`<stage>[+<seconds>]`).
+_KILL_AT_ENV = "FORECASTER_TEST_KILL_AT"
+
+
+_RETRAIN_HELP = (
+    "Retrain, log, register and promote unattended (cron, systemd timer, Kubernetes CronJob)."
+    "\n\nTakes <output_dir>/retrain.lock, trains the feedback champion candidate and the BPTT "
+    "fallback, logs both with the baselines to MLflow, and moves the champion and fallback "
+    "aliases only to verified versions that beat their holders. A re-run on the data and config "
+    "of the last completed retrain ends at once as 'up to date' (--force retrains). Prints one "
+    "line."
+    "\n\nExit codes: 0 promoted, kept the champion, or up to date (the line says which); "
+    "1 internal error; 2 data, config or model error; 3 another retrain holds the lock; "
+    "4 time budget exceeded (no alias moved); 5 tracking or registry error; "
+    "6 export or parity check failed."
+)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+@app.command(help=_RETRAIN_HELP)
+def retrain(
+    config: ConfigOption,
+    tracking_uri: TrackingUriOption = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="Use this file instead of data.path.")
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="Time budget: 3600s, 90m, 2h; past it the job stops, aliases kept."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Retrain even when data and config are unchanged.")
+    ] = False,
+    lock_max_age: Annotated[
+        str | None,
+        typer.Option(help="Age after which another host's lock is stale (default 2× budget, 6h)."),
+    ] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Retrain unattended under the output folder's lock; see `_RETRAIN_HELP`."""
+    # systemd and Kubernetes stop a job with SIGTERM: unwind, so the lock is released and the
+    # MLflow run ends FAILED, and exit 143 as a plain SIGTERM death would.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with _user_errors():
+            from pipelines.retrain import exit_code, parse_duration, run_retrain
+
+            try:
+                cfg = _load(config, overrides)
+                result = run_retrain(
+                    cfg,
+                    tracking_uri=tracking_uri,
+                    data_path=data,
+                    budget_s=parse_duration(budget) if budget is not None else None,
+                    force=force,
+                    lock_max_age_s=(
+                        parse_duration(lock_max_age, name="--lock-max-age")
+                        if lock_max_age is not None
+                        else None
+                    ),
+                    config_label=str(config.resolve()),
+                    kill_at=os.environ.get(_KILL_AT_ENV) or None,
+                )
+            except ForecasterError as exc:
+                _fail(f"retrain failed: {exc.message}", int(exit_code(exc)))
+            console.print(result.message, highlight=False, soft_wrap=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+models_app = typer.Typer(
+    help="Registered model versions and their aliases (MLflow registry).", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
 
 
 def _print_versions(versions: list[Any]) -> None:

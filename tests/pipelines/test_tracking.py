@@ -1,20 +1,14 @@
 """MLflow tracking and registry against a real `mlflow server` on 127.0.0.1 and the embedded store.
 
-No mocks: a module fixture starts `mlflow server` (sqlite backend, served artifacts) and, while it
-boots (about 25 s on a busy 2-core machine), tiny models train and the embedded-store test runs;
-the first use waits for `/health`, and teardown always stops the server's process group.
+No mocks: the module `server` fixture (tests/pipelines/conftest.py) starts `mlflow server`
+(sqlite backend, served artifacts) and, while it boots (about 25 s on a busy 2-core machine),
+tiny models train and the embedded-store test runs; the first use waits for `/health`, and
+teardown always stops the server's process group.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +17,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from mlflow_server import Server, free_port
 
 from forecaster.config import Config, parse_config
 from forecaster.errors import TrackingError
@@ -53,8 +48,6 @@ from pipelines.train import (
 
 pytestmark = pytest.mark.integration
 
-_SERVER_START_TIMEOUT_S = 120.0
-
 
 def _config(out: Path, name: str = "tiny", **train: object) -> Config:
     return parse_config(
@@ -78,81 +71,6 @@ def _config(out: Path, name: str = "tiny", **train: object) -> Config:
             },
         }
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    """A running `mlflow server`; `uri` waits until `/health` answers."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-    ready: bool = False
-
-    @property
-    def uri(self) -> str:
-        url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
-        while not self.ready:
-            if self.process.poll() is not None:
-                pytest.fail(f"mlflow server exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    self.ready = answer.status == 200
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"mlflow server not healthy in time: {self.log.read_text()[-2000:]}"
-                    )
-                time.sleep(0.25)
-        return url
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`mlflow server` on a free port, started now, healthy on first use, always stopped."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    log = root / "server.log"
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [
-                str(mlflow_cli),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{root / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(root / "artifacts"),
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-            start_new_session=True,
-        )
-    handle = Server(process=process, port=port, log=log)
-    try:
-        yield handle
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
 
 
 @dataclass(frozen=True)
@@ -279,7 +197,7 @@ def test_flatten_config_uses_dotted_yaml_names(tmp_path: Path) -> None:
 
 
 def test_unreachable_server_is_a_tracking_error_naming_the_uri(tmp_path: Path) -> None:
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(TrackingError, match=uri.replace(".", r"\.")):
         open_tracking(_config(tmp_path), uri=uri)

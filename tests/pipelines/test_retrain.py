@@ -1,0 +1,498 @@
+"""`forecaster retrain`: lock, budget, idempotence, exit codes and crash safety.
+
+The lock and budget parts run in-process; the job runs as the real `forecaster retrain` command
+against a real `mlflow server` (the module `server` fixture of conftest.py), killed with SIGKILL
+at named stages through the `FORECASTER_TEST_KILL_AT` hook, stopped with SIGTERM, and run twice
+at once for the lock.
+Tiny data and models: one job is about 10 s on two busy cores, most of it imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import onnxruntime
+import pytest
+import typer
+import yaml
+from mlflow import MlflowClient
+from mlflow_server import Server
+from typer.testing import CliRunner
+
+from forecaster.cli import app
+from forecaster.errors import ConfigError, DataError, ExportError, TrackingError
+from pipelines.retrain import (
+    LOCK_FILE,
+    STAGES,
+    BudgetExceeded,
+    Deadline,
+    ExitCode,
+    LockHeld,
+    LockInfo,
+    exit_code,
+    parse_duration,
+    retrain_lock,
+)
+from pipelines.tracking import CHAMPION, FALLBACK, list_versions, show
+
+REPO = Path(__file__).resolve().parents[2]
+FORECASTER = Path(sys.executable).with_name("forecaster")
+# A tiny job: two synthetic series, a GRU with 8 units, two short epochs.
+CONFIG_YAML = """\
+name: {name}
+output_dir: {output_dir}
+data:
+  source: synthetic
+  synthetic: {{n_series: 2, length: 720, seed: 1}}
+  split: {{val_size: 72, test_size: 72}}
+window: {{lookback: 24, horizon: 6}}
+preprocess: {{trend: linear, seasonality: stl, periods: [24]}}
+model: {{name: gru, hidden_size: 8}}
+train: {{epochs: 2, batch_size: 64, stride: 2, max_windows: 128, device: cpu}}
+"""
+# The first champion is weak, so that later (killed) retrains have a better candidate to promote.
+WEAK = ["--set", "train.lr=1e-6", "--set", "train.epochs=1"]
+KILL_ENV = "FORECASTER_TEST_KILL_AT"
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("3600", 3600), ("3600s", 3600), ("90m", 5400), ("1h30m", 5400)]
+)
+def test_parse_duration_reads_scheduler_style_budgets(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "2x", "-5s", "0s", "h", "1.5.2s"])
+def test_parse_duration_rejects_what_is_not_a_positive_duration(text: str) -> None:
+    with pytest.raises(ConfigError, match="--budget: .* is not a positive duration"):
+        parse_duration(text)
+
+
+def test_each_failure_kind_has_its_own_exit_code() -> None:
+    codes = [
+        exit_code(error)
+        for error in (
+            LockHeld("x"),
+            BudgetExceeded("x"),
+            TrackingError("x"),
+            ExportError("x"),
+            DataError("x"),
+            ConfigError("x"),
+            RuntimeError("x"),
+        )
+    ]
+    assert codes == [3, 4, 5, 6, 2, 2, 1]
+    assert len(set(codes)) == 6
+
+
+def test_deadline_names_where_the_budget_ran_out() -> None:
+    Deadline(None, started=time.monotonic() - 1e6).check("before log")
+    Deadline(60.0).check("before log")
+    with pytest.raises(BudgetExceeded, match=r"time budget 1 s exceeded before log \(5 s"):
+        Deadline(1.0, started=time.monotonic() - 5).check("before log")
+
+
+def _write_lock(path: Path, **changes: object) -> LockInfo:
+    info = LockInfo(
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        started_at="2026-01-01T00:00:00Z",
+        started_unix=time.time(),
+        config="configs/x.yaml",
+        process_started=None,
+    )
+    info = LockInfo(**{**asdict(info), **changes})  # type: ignore[arg-type]
+    path.write_text(json.dumps(asdict(info)))
+    return info
+
+
+def test_live_lock_refuses_naming_pid_host_and_age(tmp_path: Path) -> None:
+    path = tmp_path / LOCK_FILE
+    with retrain_lock(path, config_label="a.yaml") as held:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        pattern = rf"held by pid {os.getpid()} on {socket.gethostname()} since .* s ago"
+        with pytest.raises(LockHeld, match=pattern), retrain_lock(path, config_label="b.yaml"):
+            pass
+        assert json.loads(path.read_text())["started_at"] == held.started_at
+    assert not path.exists()
+
+
+def test_lock_of_a_dead_or_recycled_pid_is_replaced_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / LOCK_FILE
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for changes in ({"pid": dead.pid}, {"process_started": 1.0}):
+        _write_lock(path, **changes)
+        with retrain_lock(path, config_label="a.yaml") as info:
+            assert info.pid == os.getpid()
+        assert "replacing stale retrain lock" in caplog.text
+        caplog.clear()
+    assert not path.exists()
+
+
+def test_lock_from_another_host_is_stale_only_past_the_max_age(tmp_path: Path) -> None:
+    path = tmp_path / LOCK_FILE
+    _write_lock(path, host="other-host", pid=1)
+    with (
+        pytest.raises(LockHeld, match="pid 1 on other-host"),
+        retrain_lock(path, config_label="a.yaml", max_age_s=3600),
+    ):
+        pass
+    _write_lock(path, host="other-host", pid=1, started_unix=time.time() - 7200)
+    with retrain_lock(path, config_label="a.yaml", max_age_s=3600) as info:
+        assert info.host == socket.gethostname()
+
+
+def test_unreadable_lock_counts_as_held_while_young_and_stale_when_old(tmp_path: Path) -> None:
+    path = tmp_path / LOCK_FILE
+    path.write_text("")
+    with (
+        pytest.raises(LockHeld, match="a process that is starting"),
+        retrain_lock(path, config_label="a.yaml"),
+    ):
+        pass
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    with retrain_lock(path, config_label="a.yaml"):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+# --------------------------------------------------------------------------- deploy examples
+
+
+def _cronjob() -> dict[str, Any]:
+    manifests = yaml.safe_load_all((REPO / "configs" / "deploy" / "k8s-cronjob.yaml").read_text())
+    return next(m for m in manifests if m["kind"] == "CronJob")
+
+
+def _deploy_commands() -> dict[str, list[str]]:
+    """The command each scheduler example runs, as argv."""
+    deploy = REPO / "configs" / "deploy"
+    cron = [
+        line
+        for line in (deploy / "crontab").read_text().splitlines()
+        if line.strip() and not line.startswith("#") and "=" not in line.split()[0]
+    ]
+    assert len(cron) == 1
+    cron_argv = shlex.split(cron[0].split(None, 5)[5])
+    redirect = next(i for i, a in enumerate(cron_argv) if a.startswith((">", "2>")))
+    service = (deploy / "forecaster-retrain.service").read_text().splitlines()
+    exec_start = [line.split("=", 1)[1] for line in service if line.startswith("ExecStart=")]
+    assert len(exec_start) == 1
+    container = _cronjob()["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    return {
+        "crontab": cron_argv[:redirect],
+        "systemd": shlex.split(exec_start[0]),
+        "k8s": [*container["command"], *container.get("args", [])],
+    }
+
+
+def test_k8s_cronjob_forbids_overlap_and_keeps_state_on_a_volume() -> None:
+    spec = _cronjob()["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid"
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "forecaster:latest"
+    assert any(env["name"] == "MLFLOW_TRACKING_URI" for env in container["env"])
+    claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    mounted = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert claims
+    assert claims <= set(mounted)
+    argv = [*container["command"], *container.get("args", [])]
+    output_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("output_dir="))
+    assert any(output_dir.startswith(mounted[name]) for name in claims)
+
+
+@pytest.mark.parametrize("scheduler", ["crontab", "systemd", "k8s"])
+def test_scheduler_examples_run_a_real_retrain_of_a_repo_config(scheduler: str) -> None:
+    argv = _deploy_commands()[scheduler]
+    start = next(i for i, a in enumerate(argv) if Path(a).name == "forecaster")
+    assert "retrain" in argv[start + 1 :]
+    options = argv[argv.index("retrain") + 1 :]
+    config = Path(options[options.index("--config") + 1])
+    in_repo = REPO / "configs" / config.name
+    assert config.parts[-2] == "configs"
+    assert in_repo.is_file(), config
+    options[options.index("--config") + 1] = str(in_repo)
+    group = typer.main.get_command(app)
+    command = group.commands["retrain"]  # type: ignore[attr-defined]
+    context = command.make_context("retrain", options)
+    assert context.params["config"] == in_repo
+    assert parse_duration(context.params["budget"]) > 0
+
+
+# --------------------------------------------------------------------------- the real job
+
+
+def _config_file(folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(CONFIG_YAML.format(name=name, output_dir=folder / "out"))
+    return path
+
+
+def _retrain(
+    config: Path, uri: str, *extra: str, kill_at: str | None = None
+) -> subprocess.Popen[str]:
+    """Start `forecaster retrain` as its own process (SIGKILL must hit only it)."""
+    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, "MLFLOW_TRACKING_URI")}
+    if kill_at is not None:
+        env[KILL_ENV] = kill_at
+    return subprocess.Popen(
+        [str(FORECASTER), "retrain", "--config", str(config), "--tracking-uri", uri, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished `forecaster retrain` process."""
+
+    pid: int
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def last_line(self) -> str:
+        lines = self.stdout.strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+def _wait(process: subprocess.Popen[str], timeout_s: float = 240) -> Finished:
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"forecaster retrain did not finish in {timeout_s} s: {err[-2000:]}")
+    return Finished(process.pid, process.returncode, out, err)
+
+
+def _run(config: Path, uri: str, *extra: str, kill_at: str | None = None) -> Finished:
+    return _wait(_retrain(config, uri, *extra, kill_at=kill_at))
+
+
+def _assert_loadable(uri: str, name: str, alias: str, folder: Path) -> str:
+    """The alias' version is verified, downloads whole, and its ONNX model answers; its version."""
+    info = show(name, alias, uri=uri)
+    assert info.tags["verified"] == "true", (alias, info.version)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}@{alias}", dst_path=str(folder / f"{alias}_{info.version}")
+        )
+    )
+    session = onnxruntime.InferenceSession(
+        str(next(local.rglob("model.onnx"))), providers=["CPUExecutionProvider"]
+    )
+    x = np.random.default_rng(0).standard_normal((2, 24, 1)).astype(np.float32)
+    (forecast,) = session.run(None, {session.get_inputs()[0].name: x})[:1]
+    assert forecast.shape[0] == 2
+    assert np.isfinite(forecast).all()
+    assert {"model_step.onnx", "preprocessing.json", "metadata.json"} <= {
+        p.name for p in local.rglob("*")
+    }
+    return info.version
+
+
+@pytest.fixture
+def registry_env(server: Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`models:/` downloads resolve the registry from the environment."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", server.uri)
+    return server.uri
+
+
+@dataclass(frozen=True)
+class FirstRetrain:
+    """The first retrain of the crash-test model: a weak champion and fallback."""
+
+    config: Path
+    name: str
+    result: Finished
+
+
+@pytest.fixture(scope="module")
+def first(server: Server, tmp_path_factory: pytest.TempPathFactory) -> FirstRetrain:
+    config = _config_file(tmp_path_factory.mktemp("crash"), "rt_crash")
+    return FirstRetrain(config, "rt_crash", _run(config, server.uri, *WEAK))
+
+
+@pytest.mark.integration
+def test_cli_retrain_logs_registers_and_promotes_both_aliases(
+    first: FirstRetrain, server: Server, registry_env: str, tmp_path: Path
+) -> None:
+    assert first.result.code == 0, first.result.stderr[-2000:]
+    assert first.result.last_line.startswith("promoted: champion → v1; fallback → v2")
+    client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+    experiment = client.get_experiment_by_name(first.name)
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'retrain'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["retrain.outcome"] == "promoted"
+    assert {f"stage_seconds.{s}" for s in STAGES} <= set(parent.data.metrics)
+    children = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    assert {run.data.tags["role"] for run in children} == {
+        "feedback",
+        "bptt",
+        "baseline:repeat_last",
+        "baseline:seasonal_naive",
+    }
+    assert all(run.info.status == "FINISHED" for run in children)
+    assert _assert_loadable(server.uri, first.name, CHAMPION, tmp_path) == "1"
+    assert _assert_loadable(server.uri, first.name, FALLBACK, tmp_path) == "2"
+    assert not (first.config.parent / "out" / LOCK_FILE).exists()
+
+
+# Each point kills the job at the start of a stage, or that many seconds into it.
+KILL_POINTS = (
+    "train_bptt",  # the feedback model trained, its nested run still open
+    "log+1.0",  # during the artifact uploads (plots, bundle files, the ONNX model)
+    "register+0.8",  # during registration: register, download, verify, alias move
+    "register_fallback",  # the champion decided and maybe moved, the fallback not yet
+    "state",  # both aliases decided, the state file not yet written
+)
+
+
+@pytest.mark.integration
+def test_sigkill_at_any_stage_leaves_loadable_aliases_and_the_next_run_succeeds(
+    first: FirstRetrain, server: Server, registry_env: str, tmp_path: Path
+) -> None:
+    assert first.result.code == 0, first.result.stderr[-2000:]
+    lock = first.config.parent / "out" / LOCK_FILE
+    for point in KILL_POINTS:
+        killed = _run(first.config, server.uri, kill_at=point)
+        assert killed.code == -signal.SIGKILL, (point, killed.code, killed.stderr[-2000:])
+        assert json.loads(lock.read_text())["pid"] == killed.pid, point
+        for alias in (CHAMPION, FALLBACK):
+            _assert_loadable(server.uri, first.name, alias, tmp_path / point)
+        if point == "register_fallback":
+            # The better champion candidate was promoted; the weak fallback is still in place.
+            assert show(first.name, CHAMPION, uri=server.uri).version != "1"
+            assert show(first.name, FALLBACK, uri=server.uri).version == "2"
+    after = _run(first.config, server.uri)
+    assert after.code == 0, after.stderr[-2000:]
+    assert f"replacing stale retrain lock {lock}: pid {killed.pid} is not running" in after.stderr
+    assert after.last_line.startswith(("promoted:", "kept:"))
+    assert not lock.exists()
+    assert not list((lock.parent / "retrain").glob(".bundle_*"))
+    for alias in (CHAMPION, FALLBACK):
+        _assert_loadable(server.uri, first.name, alias, tmp_path / "after")
+
+
+@pytest.mark.integration
+def test_two_concurrent_retrains_one_runs_the_other_exits_with_the_lock_message(
+    server: Server, tmp_path: Path
+) -> None:
+    config = _config_file(tmp_path, "rt_lock")
+    uri = server.uri
+    both = [_wait(p) for p in [_retrain(config, uri), _retrain(config, uri)]]
+    codes = sorted(f.code for f in both)
+    assert codes == [ExitCode.OK, ExitCode.LOCKED], [f.stderr[-1500:] for f in both]
+    winner = next(f for f in both if f.code == ExitCode.OK)
+    loser = next(f for f in both if f.code == ExitCode.LOCKED)
+    assert winner.last_line.startswith("promoted: champion → v1; fallback → v2")
+    message = loser.stderr.strip().splitlines()
+    assert len(message) == 1
+    assert f"is held by pid {winner.pid} on {socket.gethostname()} since" in message[0]
+    assert "s ago" in message[0]
+    assert [v.version for v in list_versions("rt_lock", uri=uri)] == ["2", "1"]
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    """`forecaster retrain` in this process: exit code and stdout (MLflow chatters on stderr)."""
+    result = CliRunner().invoke(app, ["retrain", *args])
+    return result.exit_code, result.stdout if result.exit_code == 0 else result.output
+
+
+@pytest.mark.integration
+def test_budget_exceeded_exits_4_and_leaves_the_aliases(
+    first: FirstRetrain, server: Server
+) -> None:
+    assert first.result.code == 0, first.result.stderr[-2000:]
+    before = {a: show(first.name, a, uri=server.uri).version for a in (CHAMPION, FALLBACK)}
+    versions = len(list_versions(first.name, uri=server.uri))
+    code, output = _cli(
+        "--config", str(first.config), "--tracking-uri", server.uri, "--budget", "0.2s", "--force"
+    )
+    assert code == ExitCode.BUDGET, output
+    assert "time budget 0.2 s exceeded" in output
+    assert "no alias was moved" in output
+    after = {a: show(first.name, a, uri=server.uri).version for a in (CHAMPION, FALLBACK)}
+    assert after == before
+    assert len(list_versions(first.name, uri=server.uri)) == versions
+    assert not (first.config.parent / "out" / LOCK_FILE).exists()
+
+
+@pytest.mark.integration
+def test_rerun_on_the_same_data_and_config_is_up_to_date_and_force_retrains(
+    server: Server, tmp_path: Path
+) -> None:
+    args = ("--config", str(_config_file(tmp_path, "rt_idem")), "--tracking-uri", server.uri)
+    code, output = _cli(*args)
+    assert code == 0, output
+    assert output.strip().splitlines()[-1].startswith("promoted: champion → v1; fallback → v2")
+
+    code, output = _cli(*args)
+    assert code == 0, output
+    assert output.strip().splitlines()[-1].startswith("up to date: data ")
+    assert "champion v1, fallback v2" in output
+    assert len(list_versions("rt_idem", uri=server.uri)) == 2
+
+    # The same data and config train the same models: registered, not better, aliases kept.
+    code, output = _cli(*args, "--force")
+    assert code == 0, output
+    line = output.strip().splitlines()[-1]
+    assert line.startswith("kept: champion kept v1 (candidate v3 not better); fallback kept v2")
+    assert show("rt_idem", CHAMPION, uri=server.uri).version == "1"
+    assert len(list_versions("rt_idem", uri=server.uri)) == 4
+
+    # A change of config is a new job: it retrains without --force.
+    code, output = _cli(*args, "--set", "train.epochs=1")
+    assert code == 0, output
+    assert not output.strip().splitlines()[-1].startswith("up to date")
+
+
+@pytest.mark.integration
+def test_sigterm_releases_the_lock_and_fails_the_run(server: Server, tmp_path: Path) -> None:
+    config = _config_file(tmp_path, "rt_term")
+    client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+    process = _retrain(config, server.uri)
+    deadline = time.monotonic() + 120
+    runs: list[mlflow.entities.Run] = []
+    while not runs and process.poll() is None and time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("rt_term")
+        if experiment is not None:
+            runs = client.search_runs([experiment.experiment_id], "tags.kind = 'retrain'")
+        time.sleep(0.2)
+    assert runs, "the retrain never started its MLflow run"
+    assert (config.parent / "out" / LOCK_FILE).exists()
+    process.send_signal(signal.SIGTERM)
+    finished = _wait(process)
+    assert finished.code == 128 + signal.SIGTERM, finished.stderr[-2000:]
+    assert not (config.parent / "out" / LOCK_FILE).exists()
+    assert client.get_run(runs[0].info.run_id).info.status == "FAILED"
