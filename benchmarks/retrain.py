@@ -5,8 +5,10 @@ Question (issue 6): how long does one unattended retrain take on the demo config
 scoring of the exported model), log and register; and what share of the job do MLflow logging
 and the registry (register, download, verify, promote) take? Target: <= 5% on ETTh1.
 
-Each job runs `pipelines.retrain.run_retrain` in this process with `force=True` against a fresh
-embedded MLflow store (sqlite + local artifacts) in a temporary folder. The gate runs inside
+Each job runs `pipelines.retrain.run_retrain` in this process with `force=True` against an
+embedded MLflow store (sqlite + local artifacts) in a temporary folder whose tables are created
+just before the timed job (as for every scheduled run after the first; the one-time creation is
+reported as `store_init_s`). The MLflow import is inside the job. The gate runs inside
 `prepare`; it is re-timed here on the same training residuals and shown apart from preprocess.
 
 Writes benchmarks/results/retrain.json and .md. Run: python benchmarks/retrain.py
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,9 +55,25 @@ def _gate_seconds(config: Config) -> float:
     return best
 
 
+def _init_store(config: Config) -> float:
+    """Create the embedded store's tables before the timed job; return the seconds it took.
+
+    A scheduled retrain writes into an existing store; creating its tables (a one-time cost of
+    several seconds) is reported apart, not as part of the job.
+    """
+    from pipelines.tracking import resolve_tracking
+
+    uri = resolve_tracking(config.output_dir).uri
+    code = f"from mlflow import MlflowClient; MlflowClient({uri!r}).search_experiments()"
+    started = time.perf_counter()  # in a subprocess, so the job below still pays the import
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
 def run_job(job: str, overrides: list[str], root: Path) -> dict[str, Any]:
-    """One forced retrain of `job` into a fresh embedded store under `root`."""
+    """One forced retrain of `job` into an embedded store under `root` (tables created first)."""
     config = load_config(CONFIGS[job], [f"output_dir={root / job}", *overrides])
+    store_init_s = _init_store(config)
     result = run_retrain(config, force=True)
     stages = dict(result.stages_s)
     gate_s = _gate_seconds(config)
@@ -82,6 +101,7 @@ def run_job(job: str, overrides: list[str], root: Path) -> dict[str, Any]:
         "stages_s": {k: stages.get(k, 0.0) for k in COLUMNS},
         "tracking_registry_s": tracking_s,
         "tracking_registry_share": tracking_s / result.total_s,
+        "store_init_s": store_init_s,
         "training": training,
         "load_average_after": list(os.getloadavg()),
         "outcome": result.outcome,
@@ -115,7 +135,10 @@ def markdown(payload: dict[str, Any]) -> str:
         "models, downloads and verifies each registered copy and moves the aliases; *gate* is "
         "re-timed alone on the same training residuals and subtracted from *preprocess* "
         "(load, validate, fit). *other*: lock, state file, ending the parent run. "
-        "Tracking + registry = log + register; target <= 5% on ETTh1.",
+        "Tracking + registry = log + register; target <= 5% on ETTh1. The store's tables are "
+        "created before the job (as for every scheduled run after the first): "
+        + ", ".join(f"{r['job']} {r['store_init_s']:.1f} s" for r in payload["runs"])
+        + " once, not counted above; the MLflow import is counted.",
         "",
     ]
     lines += [

@@ -279,37 +279,22 @@ class _SeriesForecasts:
     season: int
 
 
-def _test_forecasts(session: Any, prepared: PreparedData, horizon: int) -> list[_SeriesForecasts]:
-    """Forecast every test window of every series with an ONNX window model (inverted)."""
-    from forecaster.evaluation import part_windows
-    from pipelines.train import OnnxSeriesForecaster, model_inputs
-
-    inputs = model_inputs(prepared)
+def _test_forecasts(prepared: PreparedData, results: Mapping[str, Any]) -> list[_SeriesForecasts]:
+    """Every series' test windows with the model's forecasts (`forecast_part`'s results)."""
     out = []
     for uid, frame in prepared.data.frame.groupby("unique_id", sort=False):
         name = str(uid)
         split, spec = prepared.splits[name], prepared.spec.for_series(name)
-        y, ds = frame["y"].to_numpy(np.float64), frame["ds"].to_numpy()
-        windows = part_windows(y, split, horizon, part="test")
-        forecaster = OnnxSeriesForecaster(
-            session=session,
-            spec=spec,
-            transformed=inputs.transformed[name],
-            ds=ds,
-            lookback=split.lookback,
-            horizon=horizon,
-            name=name,
-        )
-        forecasts = forecaster(windows.inputs, windows.origins)
+        y = frame["y"].to_numpy(np.float64)
         periods = [p.period for p in spec.seasonality.profiles]
         out.append(
             _SeriesForecasts(
                 unique_id=name,
-                ds=ds,
+                ds=frame["ds"].to_numpy(),
                 y=y,
-                origins=np.asarray(windows.origins),
-                targets=np.asarray(windows.targets, dtype=np.float64),
-                forecasts=forecasts,
+                origins=results[name].origins,
+                targets=results[name].targets,
+                forecasts=results[name].forecasts,
                 train=y[split.train],
                 season=min(periods, default=1),
             )
@@ -401,7 +386,8 @@ class MlflowTracker:
 
     Per epoch (step = epoch): `train_loss`, `val_loss`, `lr`, `epoch_seconds`, `peak_memory_mb`
     and, for feedback training, `spectral_radius`. At the end: `best_val_loss`, `best_epoch`,
-    `train_wall_seconds`, `epochs_run`.
+    `train_wall_seconds`, `epochs_run`, and the model-side gate's `gate_*` values at the epoch
+    each check ran (tag `switched_to_bptt_at_epoch` when the recheck switched methods).
     """
 
     def __init__(
@@ -508,6 +494,19 @@ class MlflowTracker:
             }
         )
         self.set_tags({"method": history.method, "device": history.device})
+        for report in history.model_gate:  # ALGORITHMS.md 5.5 checks 2-4
+            self.log_metrics(
+                {
+                    "gate_cosine": report.cosine,
+                    "gate_norm_ratio": report.norm_ratio,
+                    "gate_jacobian_cv": report.jacobian_cv,
+                    "gate_spectral_radius": report.spectral_radius,
+                    "gate_passed": float(report.passed),
+                },
+                step=report.epoch,
+            )
+        if history.switch_epoch is not None:
+            self.set_tags({"switched_to_bptt_at_epoch": history.switch_epoch})
 
     def finish(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED") -> None:
         """Log the run's wall time and end it."""
@@ -743,10 +742,14 @@ class RetrainRun:
         for part, values in outcome.evaluations.items():
             for key, value in values.items():
                 metrics[f"{part}_{key}"] = value
-        from forecaster.inference import open_session
+        results = outcome.test_forecasts
+        if results is None:  # an outcome from elsewhere: forecast the test windows again
+            from forecaster.inference import open_session
+            from pipelines.train import forecast_part, model_inputs
 
-        session = open_session(bundle / MODEL_FILE, device="cpu")
-        series = _test_forecasts(session, prepared, horizon)
+            session = open_session(bundle / MODEL_FILE, device="cpu")
+            results = forecast_part(session, prepared, model_inputs(prepared), horizon, "test")
+        series = _test_forecasts(prepared, results)
         metrics.update({f"test_{k}": v for k, v in _extra_metrics(series).items()})
         metrics["train_wall_seconds"] = outcome.history.total_seconds
         if wall_seconds is not None:

@@ -79,6 +79,7 @@ class TrainOutcome:
     evaluations: dict[str, dict[str, float]]
     bundle: Path
     calibration: Calibration | None = None
+    test_forecasts: dict[str, PartForecasts] | None = None  # the exported model's, per series
 
 
 def model_inputs(prepared: PreparedData) -> ModelInputs:
@@ -210,11 +211,13 @@ class PartForecasts:
         evaluation: the protocol's scores of these forecasts.
         forecasts: `[N, H]` forecasts, one row per window, in window order.
         targets: `[N, H]` the values they forecast.
+        origins: `[N]` index of each window's first forecast step in the series.
     """
 
     evaluation: Evaluation
     forecasts: npt.NDArray[np.float64]
     targets: npt.NDArray[np.float64]
+    origins: npt.NDArray[np.int64]
 
     @property
     def residuals(self) -> npt.NDArray[np.float64]:
@@ -266,10 +269,12 @@ def forecast_part(
         evaluation = evaluate_forecaster(
             recorder, values, split, horizon, part=part, with_origins=True
         )
+        windows = part_windows(values, split, horizon, part=part)
         results[name] = PartForecasts(
             evaluation=evaluation,
             forecasts=np.concatenate(recorder.batches),
-            targets=np.array(part_windows(values, split, horizon, part=part).targets),
+            targets=np.asarray(windows.targets, dtype=np.float64),
+            origins=np.asarray(windows.origins, dtype=np.int64),
         )
     return results
 
@@ -457,12 +462,14 @@ def run_training(
     horizon = config.window.horizon
     evaluations: dict[str, dict[str, float]] = {}
     calibrations: list[Calibration] = []
+    test_forecasts: list[dict[str, PartForecasts]] = []
 
     def score(model_path: Path) -> BundleScore:
         session = open_session(model_path)
         val = forecast_part(session, prepared, inputs, horizon, "val")
         test = forecast_part(session, prepared, inputs, horizon, "test")
         calibrations.append(calibrate(val))
+        test_forecasts.append(test)
         evaluations["val"] = summary(evaluations_of(val))
         evaluations["test"] = {
             **summary(evaluations_of(test)),
@@ -488,6 +495,7 @@ def run_training(
         evaluations=evaluations,
         bundle=bundle,
         calibration=calibrations[-1],
+        test_forecasts=test_forecasts[-1],
     )
 
 

@@ -280,6 +280,8 @@ def test_retrain_logs_parent_and_nested_runs(retrain: Retrain) -> None:
         metrics = run.data.metrics
         for key in ("test_mse", "test_mae", "test_n_windows", "test_mase", "test_smape"):
             assert np.isfinite(metrics[key]), key
+        for key in ("test_coverage_80", "test_coverage_95"):
+            assert 0 <= metrics[key] <= 1, key
         assert metrics["val_mse"] > 0
         assert metrics["train_wall_seconds"] > 0
         assert metrics["test_n_windows"] == 2 * (72 - 6 + 1)
@@ -296,9 +298,12 @@ def test_retrain_logs_parent_and_nested_runs(retrain: Retrain) -> None:
             "plots/forecast_vs_actual.png",
             "bundle/preprocessing.json",
             "bundle/metadata.json",
+            "bundle/calibration.json",
         } <= _artifacts(client, run.info.run_id)
     if roles["feedback"].data.tags["method"] == "feedback":
         assert client.get_metric_history(roles["feedback"].info.run_id, "spectral_radius")
+        gate = client.get_metric_history(roles["feedback"].info.run_id, "gate_cosine")
+        assert gate and gate[0].step == 0 and -1 <= gate[0].value <= 1
     baseline = roles["baseline:seasonal_naive"].data.metrics
     assert baseline["test_n_windows"] == 2 * (72 - 6 + 1)
     assert baseline["test_mse"] > 0
