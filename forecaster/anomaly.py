@@ -512,7 +512,7 @@ class AnomalyDetector:
         reported = _hold(-log_p, self.settings.hold, self._alarm_surprise)
         # S / (S + S_alpha) never saturates (1 - p is 1.0 in floats once p < 1e-16) and is 0.5
         # exactly at the flag threshold.
-        score = reported / (reported + self._alarm_surprise)
+        score = reported / (reported + self._alarm_surprise) + 0.0  # + 0.0: no -0.0 when p = 1
         one_step = forecasts[0] if self._horizons[0].h == 1 else _shift(y, 1)
         half_width += self._resolution
         return AnomalyResult(

@@ -43,6 +43,8 @@ def _config(tmp_path: Path, data: Path) -> Path:
         ["train"],
         ["evaluate"],
         ["demo"],
+        ["detect"],
+        ["retrain"],
         ["models"],
         ["models", "list"],
     ],
@@ -169,3 +171,32 @@ def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
     nothing_earlier = runner.invoke(app, ["models", "rollback", "--config", str(config)])
     assert nothing_earlier.exit_code == 2
     assert "no earlier version" in nothing_earlier.output
+
+
+def test_detect_scores_every_row_in_order(tmp_path: Path) -> None:
+    n = 2000
+    rng = np.random.default_rng(3)
+    values = 5 + np.sin(2 * np.pi * np.arange(n) / 48) + rng.normal(0, 0.05, n)
+    values[1500] += 4.0  # one spike well after the probationary 15%
+    ds = pd.date_range("2024-01-01", periods=n, freq="30min")
+    source = tmp_path / "nab.csv"
+    pd.DataFrame({"timestamp": ds, "value": values}).to_csv(source, index=False)
+    out = tmp_path / "scored.csv"
+    result = runner.invoke(app, ["detect", "--input", str(source), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2000 rows, 1 series" in result.output
+    scored = pd.read_csv(out)
+    assert list(scored.columns) == ["timestamp", "value", "anomaly_score", "is_anomaly"]
+    assert len(scored) == n and (pd.to_datetime(scored["timestamp"]) == ds).all()
+    assert scored["anomaly_score"].between(0, 1).all()
+    assert scored.loc[: int(0.15 * n) - 1, "anomaly_score"].eq(0).all()  # probation: fit only
+    assert bool(scored.loc[1500, "is_anomaly"])
+
+
+def test_detect_bad_input_exits_2_naming_the_row(tmp_path: Path) -> None:
+    source = tmp_path / "bad.csv"
+    source.write_text("timestamp,value\n2024-01-01 00:00,1\n2024-01-01 00:05,oops\n")
+    result = runner.invoke(app, ["detect", "-i", str(source), "-o", str(tmp_path / "o.csv")])
+    assert result.exit_code == 2
+    assert "row 1" in result.output and "'oops'" in result.output
+    assert not (tmp_path / "o.csv").exists()
