@@ -351,6 +351,28 @@ TrackingUriOption = Annotated[
 _KILL_AT_ENV = "FORECASTER_TEST_KILL_AT"
 
 
+@app.command()
+def serve(
+    config: ConfigOption,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 to expose).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 3000,
+    bundle: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Serve local bundle folders instead of the registry: champion, then fallback."
+        ),
+    ] = None,
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Serve forecasts and anomaly scores over HTTP (BentoML): the registry's `champion` with
+    `fallback` behind it, or local bundles. Bearer auth when FORECASTER_API_TOKEN is set."""
+    with _user_errors():
+        from serving.launch import serve as launch
+
+        code = launch(config, host=host, port=port, bundle=bundle, tracking_uri=tracking_uri)
+    raise typer.Exit(code)
+
+
 _RETRAIN_HELP = (
     "Retrain, log, register and promote unattended (cron, systemd timer, Kubernetes CronJob)."
     "\n\nTakes <output_dir>/retrain.lock, trains the feedback champion candidate and the BPTT "

@@ -1,0 +1,71 @@
+"""The one MLflow touch point of serving: resolve a registry alias and download its version.
+
+A version is downloaded once into `<download_dir>/<name>/v<version>` (staged in a temporary
+folder and renamed, so a folder that exists is complete) and reused on later (re)loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from forecaster.errors import ModelUnavailable
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RegisteredModel", "fetch_alias"]
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A downloaded registered version: the folder holding `model.onnx`, and where it came from."""
+
+    name: str
+    alias: str
+    version: str
+    folder: Path
+
+    @property
+    def uri(self) -> str:
+        """The registry URI of this version."""
+        return f"models:/{self.name}/{self.version}"
+
+
+def fetch_alias(tracking_uri: str, name: str, alias: str, download_dir: Path) -> RegisteredModel:
+    """Resolve `models:/<name>@<alias>` and download that version unless already present.
+
+    Raises:
+        ModelUnavailable: the registry is unreachable, the alias is not set, or the download
+            holds no `model.onnx`; the message names the URI and the alias.
+    """
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    where = f"models:/{name}@{alias} at {tracking_uri}"
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        version = str(client.get_model_version_by_alias(name, alias).version)
+        target = download_dir / name / f"v{version}"
+        if not target.is_dir():
+            artifact_uri = client.get_model_version_download_uri(name, version)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=target.parent))
+            try:
+                download_artifacts(
+                    artifact_uri=artifact_uri, dst_path=str(staging), tracking_uri=tracking_uri
+                )
+                staging.replace(target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            logger.info("downloaded %s v%s to %s", name, version, target)
+    except Exception as exc:  # MLflow, HTTP and file errors alike: this alias cannot be served
+        first = (str(getattr(exc, "message", exc)).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelUnavailable(f"{where}: {first[:300]}", field=alias) from exc
+    found = sorted(target.rglob("model.onnx"), key=lambda p: len(p.parts))
+    if not found:
+        raise ModelUnavailable(f"{where}: version {version} holds no model.onnx", field=alias)
+    return RegisteredModel(name=name, alias=alias, version=version, folder=found[0].parent)

@@ -1,0 +1,765 @@
+"""Resolve and load the champion and fallback models once, and answer forecasts with them.
+
+A model is a bundle folder (pipelines/train.py `write_bundle`, or a registry download where the
+JSON files and the step graph sit in `extra_files/`): `model.onnx`, `preprocessing.json`,
+`metadata.json` and optionally `model_step.onnx` and `calibration.json`. Sessions are opened and
+warmed up when a model set is built; a request reads the current set once, so a reload that swaps
+in a new set never disturbs requests in flight. Every series of a request runs in one ORT call.
+
+Champion → fallback: when the champion did not load, raises, or returns non-finite values, the
+fallback answers and the `Observer` hears why. Input problems raise `DataError`/`ServingError`
+(4xx) before any model runs and never trigger the fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from forecaster.calibration import CALIBRATION_FILE, Calibration
+from forecaster.errors import DataError, ForecasterError, ModelError, ModelUnavailable
+from forecaster.inference import (
+    forecast_step,
+    forecast_window,
+    initial_state,
+    model_metadata,
+    open_session,
+)
+from forecaster.transform import (
+    PreprocessingSpec,
+    SeriesTransform,
+    format_timestamp,
+    future_timestamps,
+    inverse_forecast,
+    steps_since_anchor,
+    transform,
+)
+from serving.schemas import (
+    ForecastRequest,
+    ForecastResponse,
+    ModelInfo,
+    SeriesForecast,
+    SeriesInput,
+)
+from serving.settings import ServingSettings
+from serving.state import Carried, StateCache, new_points
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MODEL_FILE",
+    "LoadedModel",
+    "ModelSet",
+    "Observer",
+    "PreparedBatch",
+    "Runtime",
+    "Status",
+    "load_model",
+    "prepare_batch",
+]
+
+Role = Literal["champion", "fallback"]
+Status = Literal["ready", "degraded", "unavailable"]
+MODEL_FILE = "model.onnx"
+STEP_MODEL_FILE = "model_step.onnx"
+PREPROCESSING_FILE = "preprocessing.json"
+METADATA_FILE = "metadata.json"
+_EXTRA = "extra_files"  # where MLflow's onnx flavour keeps a logged model's extra files
+
+
+class Observer(Protocol):
+    """What the runtime reports to the metrics layer."""
+
+    def fallback(self, reason: str) -> None:
+        """The fallback answered a request; `reason` is a short label."""
+
+    def inference(self, role: Role, seconds: float) -> None:
+        """One ORT call of `role` took `seconds`."""
+
+    def carried(self, hits: int, misses: int) -> None:
+        """Series answered from carried state (`hits`) or from their whole window (`misses`)."""
+
+
+class _NullObserver:
+    def fallback(self, reason: str) -> None:
+        return None
+
+    def inference(self, role: Role, seconds: float) -> None:
+        return None
+
+    def carried(self, hits: int, misses: int) -> None:
+        return None
+
+
+class _Metadata(BaseModel):
+    """The fields of `metadata.json` serving reads (the rest is training history)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    lookback: int
+    horizon: int
+    freq: str | None = None
+    training_method: str | None = None
+    model: dict[str, Any] = {}
+    metrics: dict[str, dict[str, float]] = {}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An opened, warmed-up model with its preprocessing and (optional) calibration."""
+
+    role: Role
+    source: str
+    version: str | None
+    folder: Path
+    window: ort.InferenceSession
+    step: ort.InferenceSession | None
+    spec: PreprocessingSpec
+    metadata: _Metadata
+    calibration: Calibration | None
+    fingerprint: str
+
+    @property
+    def key(self) -> str:
+        """Identity of this model's files: carried states are valid for this key only."""
+        return f"{self.role}|{self.source}|{self.fingerprint}"
+
+    @property
+    def lookback(self) -> int:
+        """Input window length in steps."""
+        return self.metadata.lookback
+
+    @property
+    def horizon(self) -> int:
+        """Largest forecast horizon in steps."""
+        return self.metadata.horizon
+
+    def info(self) -> ModelInfo:
+        """What `/model` shows about this model."""
+        calibration = self.calibration
+        return ModelInfo(
+            role=self.role,
+            loaded=True,
+            source=self.source,
+            version=self.version,
+            model=str(self.metadata.model.get("name")) if self.metadata.model else None,
+            training_method=self.metadata.training_method,
+            lookback=self.lookback,
+            horizon=self.horizon,
+            freq=self.metadata.freq,
+            series=sorted(self.spec.series),
+            calibrated=calibration is not None,
+            levels=list(calibration.levels) if calibration is not None else [],
+            metrics=self.metadata.metrics,
+            providers=list(self.window.get_providers()),
+        )
+
+
+def _bundle_file(folder: Path, name: str) -> Path:
+    """`folder/name`, or `folder/extra_files/name` in a registry download; the first that exists."""
+    direct = folder / name
+    extra = folder / _EXTRA / name
+    return extra if not direct.exists() and extra.exists() else direct
+
+
+def _fingerprint(folder: Path) -> str:
+    """Names, sizes and modification times of the bundle's files: changes when any is replaced."""
+    parts = []
+    for name in (MODEL_FILE, PREPROCESSING_FILE, METADATA_FILE, CALIBRATION_FILE):
+        path = _bundle_file(folder, name)
+        if path.is_file():
+            stat = path.stat()
+            parts.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _read_metadata(path: Path) -> _Metadata:
+    try:
+        return _Metadata.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise ModelUnavailable(f"{path} does not exist", field="metadata") from None
+    except (OSError, ValueError, ValidationError) as exc:
+        raise ModelUnavailable(f"{path} is not valid bundle metadata: {exc}") from exc
+
+
+def load_model(
+    role: Role,
+    folder: Path,
+    *,
+    source: str | None = None,
+    version: str | None = None,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    intra_op_threads: int | None = None,
+) -> LoadedModel:
+    """Open a bundle folder's window model, read its JSON files and warm the session up.
+
+    Raises:
+        ModelUnavailable: a file is missing or invalid, the model's metadata disagrees with the
+            bundle's, or the warm-up forecast is not finite.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelUnavailable(f"bundle folder {str(folder)!r} does not exist", field=role)
+    metadata = _read_metadata(_bundle_file(folder, METADATA_FILE))
+    try:
+        spec = PreprocessingSpec.load(_bundle_file(folder, PREPROCESSING_FILE))
+    except DataError as exc:
+        raise ModelUnavailable(exc.message, field=role) from exc
+    calibration_path = _bundle_file(folder, CALIBRATION_FILE)
+    calibration = None
+    if calibration_path.is_file():
+        try:
+            calibration = Calibration.load(calibration_path)
+        except ModelError as exc:
+            raise ModelUnavailable(exc.message, field=role) from exc
+    session = open_session(_bundle_file(folder, MODEL_FILE), device, intra_op_threads)
+    step_path = _bundle_file(folder, STEP_MODEL_FILE)
+    step = open_session(step_path, device, intra_op_threads) if step_path.is_file() else None
+    for name, graph in ((MODEL_FILE, session), (STEP_MODEL_FILE, step)):
+        meta = model_metadata(graph) if graph is not None else {}
+        for key in ("lookback", "horizon") if graph is not None else ():
+            if meta.get(key) != str(getattr(metadata, key)):
+                raise ModelUnavailable(
+                    f"{folder}: {name} has {key} {meta.get(key)!r} but metadata.json says "
+                    f"{getattr(metadata, key)}",
+                    field=role,
+                )
+    if calibration is not None and calibration.horizon < metadata.horizon:
+        raise ModelUnavailable(
+            f"{folder}: calibration covers {calibration.horizon} steps, the model forecasts "
+            f"{metadata.horizon}",
+            field=role,
+        )
+    # The first run allocates and plans; do it now rather than in the first request.
+    warm = forecast_window(session, np.zeros((1, metadata.lookback, 1), dtype=np.float32))
+    if not np.isfinite(warm).all():
+        raise ModelUnavailable(f"{folder}: the model emits non-finite values", field=role)
+    logger.info("loaded %s from %s (%s)", role, source or folder, session.get_providers()[0])
+    return LoadedModel(
+        role=role,
+        source=source or str(folder),
+        version=version,
+        folder=folder,
+        window=session,
+        step=step,
+        spec=spec,
+        metadata=metadata,
+        calibration=calibration,
+        fingerprint=version or _fingerprint(folder),
+    )
+
+
+@dataclass(frozen=True)
+class _Failed:
+    role: Role
+    source: str
+    error: str
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(role=self.role, loaded=False, source=self.source, error=self.error)
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """Champion and fallback as loaded at one moment (immutable; a reload builds a new one)."""
+
+    champion: LoadedModel | _Failed
+    fallback: LoadedModel | _Failed
+    loaded_at: str
+
+    def loaded(self) -> list[LoadedModel]:
+        """The loaded models, champion first."""
+        return [m for m in (self.champion, self.fallback) if isinstance(m, LoadedModel)]
+
+    def infos(self) -> list[ModelInfo]:
+        """`/model`'s view of both roles."""
+        return [self.champion.info(), self.fallback.info()]
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class _SeriesPlan:
+    """One series on the model's scale: `x` is its window `[L]` (from a zero state) or, with a
+    carried `state`, only its new points `[k]`; `tail` holds the raw values to keep after it."""
+
+    unique_id: str
+    spec: SeriesTransform
+    last_ns: int
+    last_levels: npt.NDArray[np.float64]
+    x: npt.NDArray[np.float32]
+    state: npt.NDArray[np.float32] | None
+    tail: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Every series of a request on one model's scale, and what inverting needs."""
+
+    plans: list[_SeriesPlan]
+    horizon: int
+    level: float | None
+
+
+def _timestamps_ns(series: SeriesInput, step_ns: int, prefix: str) -> npt.NDArray[np.int64]:
+    """`[n]` integer ns, naive UTC; strictly increasing or a `DataError` naming the row."""
+    if series.timestamps is None:
+        if series.start is None:
+            raise DataError(f"{prefix}: give 'timestamps' or 'start'", field=f"{prefix}.start")
+        first = _naive_ns([series.start], f"{prefix}.start")[0]
+        return first + np.arange(len(series.values), dtype=np.int64) * step_ns
+    ns = _naive_ns(series.timestamps, f"{prefix}.timestamps")
+    steps = np.diff(ns)
+    bad = np.flatnonzero(steps <= 0)
+    if bad.size:
+        row = int(bad[0]) + 1
+        what = "duplicates" if steps[row - 1] == 0 else "comes before"
+        raise DataError(
+            f"{prefix}.timestamps[{row}]: {format_timestamp(ns[row])} {what} the previous "
+            f"timestamp {format_timestamp(ns[row - 1])}; timestamps must be strictly increasing",
+            field=f"{prefix}.timestamps",
+        )
+    return ns
+
+
+# Nanosecond timestamps cover 1677-09-21 to 2262-04-11; numpy wraps outside silently.
+_FIRST, _LAST = datetime(1678, 1, 1), datetime(2262, 1, 1)
+
+
+def _naive_ns(values: Sequence[datetime], field: str) -> npt.NDArray[np.int64]:
+    naive = [v.astimezone(UTC).replace(tzinfo=None) if v.tzinfo else v for v in values]
+    for row, value in enumerate(naive):
+        if not _FIRST <= value < _LAST:
+            where = f"{field}[{row}]" if field.endswith("timestamps") else field
+            raise DataError(
+                f"{where}: {value.isoformat()} is outside the supported range "
+                f"{_FIRST.year}-{_LAST.year - 1}",
+                field=where,
+            )
+    return np.array(naive, dtype="datetime64[ns]").astype(np.int64)
+
+
+def _window_scaling(
+    model: LoadedModel, values: npt.NDArray[np.float64], first_ns: int
+) -> SeriesTransform:
+    """A transform for a series the model was not fitted on: its own window's mean and scale."""
+    reference = next(iter(model.spec.series.values()))
+    d = reference.difference
+    differenced = np.diff(values, n=d) if d else values
+    with np.errstate(all="ignore"):
+        center, scale = float(np.mean(differenced)), float(np.std(differenced))
+    if not (np.isfinite(center) and np.isfinite(scale)):
+        raise DataError("values overflow when scaled by their own window", field="y")
+    return SeriesTransform(
+        anchor=format_timestamp(first_ns),
+        step_s=reference.step_s,
+        n_train=len(values),
+        scaling={"kind": "standard", "center": center, "scale": scale or 1.0},
+        difference=d,
+    )
+
+
+def _require_finite(values: npt.NDArray[np.float64]) -> None:
+    """Finite inputs can still overflow once detrended, scaled and cast to the model's float32."""
+    if not (np.abs(values) <= np.finfo(np.float32).max).all():
+        raise DataError(
+            "values overflow once the preprocessing is applied; send values in the series' "
+            "usual range",
+            field="y",
+        )
+
+
+def _prefixed(exc: DataError, prefix: str) -> DataError:
+    """The transform's error with the request field it concerns."""
+    field = {"ds": "timestamps", "y": "values"}.get(exc.field or "", exc.field or "values")
+    return DataError(f"{prefix}.{field}: {exc.message}", field=f"{prefix}.{field}")
+
+
+def prepare_batch(
+    request: ForecastRequest,
+    model: LoadedModel,
+    unknown_series: Literal["reject", "window_scaling"] = "reject",
+    max_series: int = 1024,
+    cache: StateCache | None = None,
+) -> PreparedBatch:
+    """Validate a request against `model` and transform every series' last window (or, for a
+    series continuing a carried state in `cache`, only its new points).
+
+    Raises:
+        DataError: more than `max_series` series, a window is too short, timestamps are
+            unsorted, duplicated, off the grid or not consecutive, a series is unknown (policy
+            `reject`), a series id repeats, or the horizon exceeds the model's; the message
+            and `field` name the request field.
+        ModelError: the requested level is not calibrated.
+    """
+    if len(request.series) > max_series:
+        raise DataError(
+            f"series: {len(request.series)} series exceed the limit of {max_series} per request",
+            field="series",
+        )
+    horizon = request.horizon if request.horizon is not None else model.horizon
+    if horizon > model.horizon:
+        raise DataError(
+            f"horizon: {horizon} exceeds the model's horizon {model.horizon}", field="horizon"
+        )
+    level = None
+    if model.calibration is not None:
+        level = request.level if request.level is not None else model.calibration.levels[-1]
+        model.calibration.level_index(level)  # ModelError naming the calibrated levels
+    reference = next(iter(model.spec.series.values()))  # the grid and order all series share
+    use_cache = cache is not None and cache.enabled and model.step is not None
+    plans, seen = [], set()
+    for i, series in enumerate(request.series):
+        prefix = f"series[{i}]"
+        uid = series.unique_id
+        if uid in seen:
+            raise DataError(
+                f"{prefix}.unique_id: {uid!r} appears more than once", field=f"{prefix}.unique_id"
+            )
+        seen.add(uid)
+        spec = model.spec.series.get(uid)
+        if spec is None and unknown_series == "reject":
+            known = ", ".join(repr(k) for k in sorted(model.spec.series)[:10])
+            raise DataError(
+                f"{prefix}.unique_id: series {uid!r} is unknown to the model; known: {known}",
+                field=f"{prefix}.unique_id",
+            )
+        d = (spec or reference).difference
+        need = model.lookback + d
+        n = len(series.values)
+        step_ns = (spec or reference).step_ns
+        all_ds = _timestamps_ns(series, step_ns, prefix)
+        carried = cache.get((uid, model.key)) if use_cache and spec is not None else None
+        if carried is not None and spec is not None:
+            start = new_points(carried, all_ds, np.asarray(series.values, np.float64), step_ns)
+            if start is not None:
+                try:
+                    new = series.values[start:]
+                    plans.append(_continue(spec, carried, all_ds[start:], new, uid))
+                except DataError as exc:
+                    raise _prefixed(exc, prefix) from None
+                continue
+            cache.drop((uid, model.key))  # type: ignore[union-attr]
+        if n < need:
+            raise DataError(
+                f"{prefix}.values: {n} points are too few; the model needs {need} "
+                f"(lookback {model.lookback}" + (f" + differencing order {d})" if d else ")"),
+                field=f"{prefix}.values",
+            )
+        ds = all_ds[n - need :]
+        values = np.asarray(series.values[n - need :], dtype=np.float64)
+        try:
+            if spec is None:
+                spec = _window_scaling(model, values, int(ds[0]))
+            t = steps_since_anchor(spec, all_ds.astype("datetime64[ns]"), series_id=uid)
+            gaps = np.flatnonzero(np.diff(t[n - need :]) != 1)
+            if gaps.size:
+                row = n - need + int(gaps[0]) + 1
+                raise DataError(
+                    f"row {row}: timestamp {format_timestamp(all_ds[row])} is not one "
+                    f"{spec.step_s:g} s step after {format_timestamp(all_ds[row - 1])}; the "
+                    f"last {need} points must be consecutive",
+                    field="ds",
+                )
+            transformed = transform(spec, values, ds.astype("datetime64[ns]"), series_id=uid)
+            _require_finite(transformed.values)
+        except DataError as exc:
+            raise _prefixed(exc, prefix) from None
+        plans.append(
+            _SeriesPlan(
+                unique_id=uid,
+                spec=spec,
+                last_ns=int(ds[-1]),
+                last_levels=transformed.last_levels,
+                x=transformed.values[-model.lookback :].astype(np.float32),
+                state=None,
+                tail=values,
+            )
+        )
+    return PreparedBatch(plans=plans, horizon=horizon, level=level)
+
+
+def _continue(
+    spec: SeriesTransform,
+    carried: Carried,
+    ds: npt.NDArray[np.int64],
+    values: Sequence[float],
+    uid: str,
+) -> _SeriesPlan:
+    """The plan of a series that continues its carried state with new points `ds`, `values`."""
+    d = spec.difference
+    tail = np.concatenate([carried.tail, np.asarray(values, dtype=np.float64)])
+    # The last d kept points let the new ones be differenced exactly as in the whole window.
+    head_ds = carried.last_ns - spec.step_ns * np.arange(d - 1, -1, -1, dtype=np.int64)
+    window_ds = np.concatenate([head_ds, ds]).astype("datetime64[ns]")
+    transformed = transform(spec, tail[len(tail) - len(ds) - d :], window_ds, series_id=uid)
+    _require_finite(transformed.values)
+    return _SeriesPlan(
+        unique_id=uid,
+        spec=spec,
+        last_ns=int(ds[-1]),
+        last_levels=transformed.last_levels,
+        x=transformed.values.astype(np.float32),
+        state=carried.state,
+        tail=tail[-carried.tail.size :],
+    )
+
+
+def _run(
+    model: LoadedModel, plans: list[_SeriesPlan], stateful: bool
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+    """Forecasts `[N, H]` of every plan, and their new states `[N, S]` when `stateful`.
+
+    Windows run in one call (the step graph from a zero state when states are kept); carried
+    series run the step graph on their new points, one call per number of new points.
+    """
+    if not stateful or model.step is None:
+        return forecast_window(model.window, np.stack([p.x for p in plans])[:, :, None]), None
+    forecasts = np.empty((len(plans), model.horizon), dtype=np.float32)
+    states = np.empty((len(plans), initial_state(model.step, 1).shape[1]), dtype=np.float32)
+    groups: dict[tuple[bool, int], list[int]] = {}
+    for i, plan in enumerate(plans):
+        groups.setdefault((plan.state is None, len(plan.x)), []).append(i)
+    for (fresh, _), rows in groups.items():
+        x = np.stack([plans[i].x for i in rows])[:, :, None]  # [b, k, 1]
+        if fresh:
+            state = initial_state(model.step, len(rows))
+        else:
+            state = np.stack([plans[i].state for i in rows])  # type: ignore[misc]
+        result = forecast_step(model.step, x, state)
+        forecasts[rows], states[rows] = result.forecast, result.state
+    return forecasts, states
+
+
+_ISO_UNITS = (("s", 10**9), ("ms", 10**6), ("us", 10**3), ("ns", 1))
+
+
+def _format_timestamps(ds: npt.NDArray[np.datetime64]) -> list[str]:
+    """`format_timestamp` of a whole array at once: the coarsest unit exact for every entry."""
+    ns = ds.astype("datetime64[ns]").astype(np.int64)
+    unit = next(u for u, size in _ISO_UNITS if not (ns % size).any())
+    return np.datetime_as_string(ns.astype("datetime64[ns]"), unit=unit).tolist()
+
+
+def _finish(
+    model: LoadedModel, batch: PreparedBatch, z: npt.NDArray[np.float32]
+) -> list[SeriesForecast]:
+    """Invert the model outputs `z [N, H]` to the series' units and add calibrated bounds."""
+    forecasts = []
+    for i, plan in enumerate(batch.plans):
+        future = future_timestamps(plan.spec, np.datetime64(plan.last_ns, "ns"), batch.horizon)
+        point = inverse_forecast(
+            plan.spec,
+            z[i, : batch.horizon].astype(np.float64),
+            future,
+            plan.last_levels,
+            series_id=plan.unique_id,
+        )
+        if not np.isfinite(point).all():
+            raise ModelError(f"{model.role} returned non-finite values for {plan.unique_id!r}")
+        lower = upper = None
+        level = None
+        calibration = model.calibration
+        if batch.level is not None and calibration and plan.unique_id in calibration.series:
+            low, high = calibration.bounds(plan.unique_id, point, batch.level)
+            lower, upper, level = low.tolist(), high.tolist(), batch.level
+        forecasts.append(
+            # Built from our own float arrays: validating 3 x H floats per series again costs.
+            SeriesForecast.model_construct(
+                unique_id=plan.unique_id,
+                timestamps=_format_timestamps(future),
+                point=point.tolist(),
+                lower=lower,
+                upper=upper,
+                level=level,
+            )
+        )
+    return forecasts
+
+
+# --------------------------------------------------------------------------- the runtime
+
+
+@dataclass
+class _Health:
+    """Whether the champion's last call failed (the set stays degraded until it succeeds)."""
+
+    champion_failing: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Runtime:
+    """Holds the current `ModelSet`, answers forecasts, and reloads without dropping requests."""
+
+    def __init__(self, settings: ServingSettings, observer: Observer | None = None) -> None:
+        self.settings = settings
+        self.observer: Observer = observer or _NullObserver()
+        self._reload_lock = threading.Lock()
+        self._health = _Health()
+        self._download_dir = settings.download_dir or Path(tempfile.mkdtemp(prefix="forecaster-"))
+        self.state_cache = StateCache(settings.state_cache_size)
+        self._models = self._build(previous=None)
+
+    @property
+    def models(self) -> ModelSet:
+        """The set requests are answered with now."""
+        return self._models
+
+    def reload(self) -> bool:
+        """Re-resolve the sources and swap in a new set; True when a model changed.
+
+        Requests in flight keep the set they started with; a model whose version (registry) or
+        files (bundle) did not change is reused as it is, sessions included.
+        """
+        with self._reload_lock:
+            previous = self._models
+            new = self._build(previous=previous)
+            changed = [_identity(m) for m in (new.champion, new.fallback)] != [
+                _identity(m) for m in (previous.champion, previous.fallback)
+            ]
+            self._models = new
+            if changed:
+                self.state_cache.clear()
+                with self._health.lock:
+                    self._health.champion_failing = None
+            logger.info("reload: %s", "models changed" if changed else "no change")
+            return changed
+
+    def status(self) -> tuple[Status, str]:
+        """`ready` (champion answers), `degraded` (fallback answers), `unavailable` (none)."""
+        models = self._models
+        if not models.loaded():
+            return "unavailable", "no model is loaded: " + _errors(models)
+        if not isinstance(models.champion, LoadedModel):
+            return "degraded", f"fallback answers; champion: {models.champion.error}"
+        failing = self._health.champion_failing
+        if failing is not None and isinstance(models.fallback, LoadedModel):
+            return "degraded", f"fallback answers; champion's last call failed: {failing}"
+        return "ready", f"champion {models.champion.source} answers"
+
+    def forecast(self, request: ForecastRequest) -> ForecastResponse:
+        """Answer with the champion, else the fallback.
+
+        Raises:
+            DataError, ModelError: the request is invalid for the answering model (4xx).
+            ModelUnavailable: no model is loaded, or every loaded model failed (503).
+        """
+        models = self._models
+        loaded = models.loaded()
+        if not loaded:
+            raise ModelUnavailable("no model is loaded: " + _errors(models))
+        failures = []
+        if not isinstance(models.champion, LoadedModel):
+            failures.append(f"champion: {models.champion.error}")
+        for model in loaded:
+            settings, cache = self.settings, self.state_cache
+            batch = prepare_batch(
+                request, model, settings.unknown_series, settings.max_series, cache
+            )
+            stateful = cache.enabled and model.step is not None
+            started = time.perf_counter()
+            try:
+                z, states = _run(model, batch.plans, stateful)  # [N, H], [N, S]
+                self.observer.inference(model.role, time.perf_counter() - started)
+                if not np.isfinite(z).all():
+                    raise ModelError(f"{model.role} returned non-finite values")
+                forecasts = _finish(model, batch, z)
+            except Exception as exc:  # ORT raises untyped errors; any failure moves on
+                reason = exc.message if isinstance(exc, ForecasterError) else repr(exc)
+                logger.warning("%s failed: %s", model.role, reason)
+                failures.append(f"{model.role}: {reason}")
+                if model.role == "champion":
+                    with self._health.lock:
+                        self._health.champion_failing = reason
+                continue
+            if states is not None:
+                hits = sum(plan.state is not None for plan in batch.plans)
+                self.observer.carried(hits, len(batch.plans) - hits)
+                for plan, state in zip(batch.plans, states, strict=True):
+                    if plan.unique_id in model.spec.series:  # window-scaled series: no state
+                        entry = Carried(last_ns=plan.last_ns, state=state, tail=plan.tail)
+                        cache.put((plan.unique_id, model.key), entry)
+            if model.role == "champion" and self._health.champion_failing is not None:
+                with self._health.lock:
+                    self._health.champion_failing = None
+            if model.role == "fallback":
+                self.observer.fallback(
+                    "champion_unavailable"
+                    if not isinstance(models.champion, LoadedModel)
+                    else "champion_failed"
+                )
+            return ForecastResponse(
+                model=model.role,
+                model_version=model.source,
+                forecasts=forecasts,
+            )
+        raise ModelUnavailable("every model failed: " + "; ".join(failures))
+
+    def _build(self, previous: ModelSet | None) -> ModelSet:
+        settings = self.settings
+        champion = self._load("champion", settings.champion_bundle, previous)
+        fallback = self._load("fallback", settings.fallback_bundle, previous)
+        loaded_at = datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
+        return ModelSet(champion=champion, fallback=fallback, loaded_at=loaded_at)
+
+    def _load(
+        self, role: Role, bundle: Path | None, previous: ModelSet | None
+    ) -> LoadedModel | _Failed:
+        settings = self.settings
+        old = getattr(previous, role) if previous is not None else None
+        source = str(bundle) if bundle is not None else "not configured"
+        version: str | None = None
+        try:
+            if settings.model_name is not None:
+                from serving.registry import fetch_alias
+
+                tracking_uri = settings.tracking_uri or ""
+                source = f"models:/{settings.model_name}@{role} at {tracking_uri}"
+                fetched = fetch_alias(tracking_uri, settings.model_name, role, self._download_dir)
+                folder, version, source = fetched.folder, fetched.version, fetched.uri
+            elif bundle is None:
+                return _Failed(role=role, source=source, error=f"no {role} bundle configured")
+            else:
+                folder = bundle
+            if isinstance(old, LoadedModel) and old.folder == folder:
+                current = version or _fingerprint(folder)
+                if current == old.fingerprint:
+                    return old
+            return load_model(
+                role,
+                folder,
+                source=source,
+                version=version,
+                device=settings.device,
+                intra_op_threads=settings.intra_op_threads,
+            )
+        except ForecasterError as exc:
+            logger.warning("%s not loaded: %s", role, exc.message)
+            return _Failed(role=role, source=source, error=exc.message)
+
+
+def _identity(model: LoadedModel | _Failed) -> tuple[str, str]:
+    if isinstance(model, LoadedModel):
+        return (model.source, model.fingerprint)
+    return (model.source, "failed: " + model.error)
+
+
+def _errors(models: ModelSet) -> str:
+    return "; ".join(
+        f"{m.role}: {m.error}" for m in (models.champion, models.fallback) if isinstance(m, _Failed)
+    )

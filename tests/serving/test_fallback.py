@@ -1,0 +1,247 @@
+"""Champion → fallback on a real server: broken, missing and NaN-emitting champions, no model at
+all, and hot reload under load.
+
+One server runs on private bundle copies; each test puts the folders in the state it needs and
+calls `POST /admin/reload`, so the tests do not depend on their order.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+pytestmark = pytest.mark.integration
+
+ChampionState = Literal["healthy", "corrupt", "missing", "nan_always", "nan_on_drop", "other"]
+
+
+def _nan_model(path: Path, *, always: bool) -> None:
+    """A window graph `forecast = sqrt(x[:, -1] * ones(H))` (NaN when the last input is
+    negative), or `sqrt(x[:, -1] * 0 - 1)` (NaN for every input), with the bundle's metadata."""
+    ones = helper.make_tensor("ones", TensorProto.FLOAT, [1, 6], [1.0] * 6)
+    last = helper.make_tensor("last", TensorProto.INT64, [], [-1])
+    nodes = [
+        helper.make_node("Gather", ["x", "last"], ["x_last"], axis=1),  # [B, 1]
+        helper.make_node("Mul", ["x_last", "ones"], ["tiled"]),  # [B, H]
+    ]
+    if always:
+        minus = helper.make_tensor("minus", TensorProto.FLOAT, [], [-1.0])
+        zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+        nodes += [
+            helper.make_node("Mul", ["tiled", "zero"], ["zeros"]),
+            helper.make_node("Add", ["zeros", "minus"], ["negative"]),
+            helper.make_node("Sqrt", ["negative"], ["forecast"]),
+        ]
+        initializers = [ones, last, minus, zero]
+    else:
+        nodes.append(helper.make_node("Sqrt", ["tiled"], ["forecast"]))
+        initializers = [ones, last]
+    graph = helper.make_graph(
+        nodes,
+        "nan_forecaster",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", 1])],
+        [helper.make_tensor_value_info("forecast", TensorProto.FLOAT, ["batch", 6])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {"lookback": "24", "horizon": "6", "input_size": "1", "state_size": "8"}
+    helper.set_model_props(model, {**meta, "graph": "window", "model": "nan"})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+@dataclass
+class Rig:
+    """The server, its bundle folders and the startup observations."""
+
+    server: Any
+    champion: Path
+    fallback: Path
+    bundles: Any
+    startup_model: dict[str, Any]
+    startup_ready: tuple[int, dict[str, Any]]
+
+    def set_state(
+        self, champion: ChampionState, fallback: Literal["healthy", "missing"] = "healthy"
+    ) -> dict[str, Any]:
+        """Lay out the folders and reload; returns the reload response."""
+        self._lay(
+            self.champion, self.bundles.champion if champion != "other" else self.bundles.fallback
+        )
+        if champion == "corrupt":
+            (self.champion / "model.onnx").write_bytes(b"this is not an onnx model")
+        elif champion == "missing":
+            shutil.rmtree(self.champion)
+        elif champion in ("nan_always", "nan_on_drop"):
+            _nan_model(self.champion / "model.onnx", always=champion == "nan_always")
+        self._lay(self.fallback, self.bundles.fallback)
+        if fallback == "missing":
+            shutil.rmtree(self.fallback)
+        response = self.server.post("/admin/reload")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    @staticmethod
+    def _lay(target: Path, source: Path) -> None:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+
+
+@pytest.fixture(scope="module")
+def rig(
+    bundles: Any,
+    kit: ModuleType,
+    start_server: Callable[..., Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Rig:
+    champion, fallback = kit.copy_bundles(bundles, tmp_path_factory.mktemp("fallback"))
+    (champion / "model.onnx").write_bytes(b"\x00garbage")
+    server = start_server(kit.bundle_env(champion, fallback))
+    ready = server.get("/readyz")
+    return Rig(
+        server=server,
+        champion=champion,
+        fallback=fallback,
+        bundles=bundles,
+        startup_model=server.get("/model").json(),
+        startup_ready=(ready.status_code, ready.json()),
+    )
+
+
+def _fallback_count(rig: Rig, kit: ModuleType) -> float:
+    text = rig.server.get("/metrics").text
+    return sum(
+        kit.metric_value(text, "forecaster_fallback_activations_total", reason=reason)
+        for reason in ("champion_unavailable", "champion_failed")
+    )
+
+
+def _assert_fallback_answers(rig: Rig, kit: ModuleType) -> None:
+    before = _fallback_count(rig, kit)
+    response = rig.server.post(
+        "/forecast", json={"series": [kit.series_payload(rig.bundles, "plant_000")]}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "fallback"
+    assert body["model_version"] == str(rig.fallback)
+    ds, y = rig.bundles.history["plant_000"]
+    _, point = kit.expected_forecast(rig.bundles.fallback, ds, y, "plant_000")
+    (forecast,) = body["forecasts"]
+    np.testing.assert_allclose(forecast["point"], point, rtol=1e-9, atol=1e-9)
+    assert forecast["lower"] is None  # the fallback is uncalibrated
+    assert forecast["upper"] is None
+    assert _fallback_count(rig, kit) == before + 1
+
+
+def test_server_started_with_a_corrupt_champion_is_degraded(rig: Rig) -> None:
+    status, body = rig.startup_ready
+    assert status == 200
+    assert body["status"] == "degraded"
+    champion = rig.startup_model["models"][0]
+    assert champion["loaded"] is False
+    assert "cannot load model" in champion["error"]
+    assert rig.startup_model["answering"] == "fallback"
+
+
+def test_corrupt_champion_fallback_answers(rig: Rig, kit: ModuleType) -> None:
+    reload = rig.set_state("corrupt")
+    assert reload["status"] == "degraded"
+    _assert_fallback_answers(rig, kit)
+
+
+def test_deleted_champion_fallback_answers(rig: Rig, kit: ModuleType) -> None:
+    reload = rig.set_state("missing")
+    assert "does not exist" in reload["models"][0]["error"]
+    _assert_fallback_answers(rig, kit)
+    assert rig.server.get("/readyz").json()["status"] == "degraded"
+
+
+def test_champion_emitting_nan_is_refused_at_load(rig: Rig, kit: ModuleType) -> None:
+    reload = rig.set_state("nan_always")
+    assert "non-finite" in reload["models"][0]["error"]
+    _assert_fallback_answers(rig, kit)
+
+
+def test_champion_emitting_nan_at_inference_fallback_answers(rig: Rig, kit: ModuleType) -> None:
+    assert rig.set_state("nan_on_drop")["status"] == "ready"
+    item = kit.series_payload(rig.bundles, "plant_000")
+    drop = {**item, "values": [*item["values"][:-1], item["values"][-2] - 500.0]}
+    before = _fallback_count(rig, kit)
+    response = rig.server.post("/forecast", json={"series": [drop]})
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "fallback"
+    assert _fallback_count(rig, kit) == before + 1
+    ready = rig.server.get("/readyz").json()
+    assert ready["status"] == "degraded"
+    assert "non-finite" in ready["detail"]
+    rise = {**item, "values": [*item["values"][:-1], item["values"][-2] + 500.0]}
+    assert rig.server.post("/forecast", json={"series": [rise]}).json()["model"] == "champion"
+    assert rig.server.get("/readyz").json()["status"] == "ready"
+
+
+def test_no_model_gives_503_and_readyz_not_ready(rig: Rig, kit: ModuleType) -> None:
+    reload = rig.set_state("missing", fallback="missing")
+    assert reload["status"] == "unavailable"
+    response = rig.server.post(
+        "/forecast", json={"series": [kit.series_payload(rig.bundles, "plant_000")]}
+    )
+    assert response.status_code == 503
+    assert "no model is loaded" in response.json()["error"]
+    ready = rig.server.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "unavailable"
+    assert rig.server.get("/model").json()["status"] == "unavailable"
+    assert rig.server.get("/livez").status_code == 200
+    assert rig.set_state("healthy")["status"] == "ready"
+
+
+def test_reload_swaps_the_champion_without_dropping_requests(rig: Rig, kit: ModuleType) -> None:
+    rig.set_state("healthy")
+    payload = {"series": [kit.series_payload(rig.bundles, "plant_001")]}
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            statuses.append(rig.server.post("/forecast", json=payload).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    changes = [rig.set_state(state)["changed"] for state in ("other", "healthy", "other")]
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert all(changes)
+    assert statuses
+    assert set(statuses) == {200}
+    ds, y = rig.bundles.history["plant_001"]
+    _, point = kit.expected_forecast(rig.bundles.fallback, ds, y, "plant_001")
+    body = rig.server.post("/forecast", json=payload).json()
+    assert body["model"] == "champion"
+    np.testing.assert_allclose(body["forecasts"][0]["point"], point, rtol=1e-9, atol=1e-9)
+    assert rig.server.post("/admin/reload").json()["changed"] is False
+
+
+def test_server_started_without_any_model_is_not_ready(
+    start_server: Callable[..., Any], kit: ModuleType, tmp_path: Path, bundles: Any
+) -> None:
+    server = start_server(kit.bundle_env(tmp_path / "gone", tmp_path / "also_gone"))
+    ready = server.get("/readyz")
+    assert ready.status_code == 503
+    assert "no model is loaded" in ready.json()["detail"]
+    response = server.post("/forecast", json={"series": [kit.series_payload(bundles, "plant_000")]})
+    assert response.status_code == 503
+    assert response.json()["error"].startswith("no model is loaded")

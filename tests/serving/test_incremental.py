@@ -1,0 +1,145 @@
+"""Carried recurrent state: streamed points run through the step graph and answer like the whole
+window; gaps, out-of-order data and reloads drop the state."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from forecaster.transform import format_timestamp
+from serving.runtime import Runtime
+from serving.schemas import ForecastRequest
+from serving.settings import ServingSettings
+
+pytestmark = pytest.mark.integration
+
+TOLERANCE = 1e-4  # on the model scale; the tests compare in the series' units, scaled
+
+
+@pytest.fixture(scope="module")
+def streaming(bundles: Any, kit: ModuleType, start_server: Callable[..., Any]) -> Any:
+    return start_server(
+        kit.bundle_env(bundles.champion, bundles.fallback, FORECASTER_STATE_CACHE_SIZE="100")
+    )
+
+
+def _points(bundles: Any, uid: str, end: int, count: int) -> dict[str, Any]:
+    ds, y = bundles.history[uid]
+    return {
+        "unique_id": uid,
+        "start": format_timestamp(ds[end - count]),
+        "values": y[end - count : end].tolist(),
+    }
+
+
+def _hits(server: Any, kit: ModuleType) -> float:
+    return kit.metric_value(
+        server.get("/metrics").text, "forecaster_carried_state_total", result="hit"
+    )
+
+
+def _assert_like_window(
+    body: dict[str, Any], bundles: Any, kit: ModuleType, uid: str, end: int
+) -> None:
+    ds, y = bundles.history[uid]
+    stamps, point = kit.expected_forecast(bundles.champion, ds[:end], y[:end], uid)
+    (forecast,) = body["forecasts"]
+    assert forecast["timestamps"] == stamps
+    scale = float(np.std(y))
+    np.testing.assert_allclose(forecast["point"], point, rtol=0, atol=TOLERANCE * scale)
+
+
+def test_streamed_points_answer_like_the_whole_window(
+    streaming: Any, bundles: Any, kit: ModuleType
+) -> None:
+    uid, end = "plant_000", 300
+    first = streaming.post("/forecast", json={"series": [_points(bundles, uid, end, 40)]})
+    assert first.status_code == 200, first.text
+    _assert_like_window(first.json(), bundles, kit, uid, end)
+    before = _hits(streaming, kit)
+    for k in (1, 4, 2, 3, 1):
+        end += k
+        response = streaming.post("/forecast", json={"series": [_points(bundles, uid, end, k)]})
+        assert response.status_code == 200, response.text
+        _assert_like_window(response.json(), bundles, kit, uid, end)
+    assert _hits(streaming, kit) == before + 5
+
+
+def test_a_resent_window_with_new_points_at_the_end_continues_the_state(
+    streaming: Any, bundles: Any, kit: ModuleType
+) -> None:
+    uid, end = "plant_001", 250
+    assert streaming.post("/forecast", json={"series": [_points(bundles, uid, end, 30)]}).is_success
+    before = _hits(streaming, kit)
+    response = streaming.post("/forecast", json={"series": [_points(bundles, uid, end + 2, 30)]})
+    assert response.status_code == 200, response.text
+    _assert_like_window(response.json(), bundles, kit, uid, end + 2)
+    assert _hits(streaming, kit) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("shift", "label"), [(3, "gap"), (-5, "out_of_order")], ids=["gap", "out_of_order"]
+)
+def test_gap_or_old_points_drop_the_state(
+    streaming: Any, bundles: Any, kit: ModuleType, shift: int, label: str
+) -> None:
+    uid, end = "plant_000", 200
+    assert streaming.post("/forecast", json={"series": [_points(bundles, uid, end, 40)]}).is_success
+    # Two points starting `shift` steps away from the expected next one: the state does not apply.
+    late = _points(bundles, uid, end + 2 + shift, 2)
+    response = streaming.post("/forecast", json={"series": [late]})
+    assert response.status_code == 422, label
+    assert response.json()["field"] == "series[0].values"
+    # Dropped for good: even the right next point now needs the whole window.
+    response = streaming.post("/forecast", json={"series": [_points(bundles, uid, end + 1, 1)]})
+    assert response.status_code == 422
+
+
+def test_revised_history_drops_the_state(streaming: Any, bundles: Any, kit: ModuleType) -> None:
+    uid, end = "plant_001", 320
+    assert streaming.post("/forecast", json={"series": [_points(bundles, uid, end, 40)]}).is_success
+    revised = _points(bundles, uid, end + 1, 40)
+    revised["values"][30] += 1.0  # inside the kept window
+    before = _hits(streaming, kit)
+    response = streaming.post("/forecast", json={"series": [revised]})
+    assert response.status_code == 200, response.text
+    assert _hits(streaming, kit) == before
+    ds, y = bundles.history[uid]
+    y = y.copy()
+    y[end + 1 - 40 + 30] += 1.0
+    _, point = kit.expected_forecast(bundles.champion, ds[: end + 1], y[: end + 1], uid)
+    np.testing.assert_allclose(
+        response.json()["forecasts"][0]["point"], point, atol=TOLERANCE * float(np.std(y))
+    )
+
+
+def test_a_reload_that_changes_the_model_drops_every_state(bundles: Any, tmp_path: Path) -> None:
+    champion = Path(shutil.copytree(bundles.champion, tmp_path / "champion"))
+    runtime = Runtime(ServingSettings(champion_bundle=champion, state_cache_size=10, device="cpu"))
+    ds, y = bundles.history["plant_000"]
+    request = ForecastRequest.model_validate(
+        {
+            "series": [
+                {
+                    "unique_id": "plant_000",
+                    "start": format_timestamp(ds[-40]),
+                    "values": y[-40:].tolist(),
+                }
+            ]
+        }
+    )
+    runtime.forecast(request)
+    assert len(runtime.state_cache) == 1
+    assert runtime.reload() is False
+    assert len(runtime.state_cache) == 1
+    stat = (champion / "model.onnx").stat()
+    os.utime(champion / "model.onnx", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert runtime.reload() is True
+    assert len(runtime.state_cache) == 0
