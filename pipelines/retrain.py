@@ -619,7 +619,9 @@ def run_retrain(
             with job.stage("log"):
                 run.log_data(config, prepared)
                 logged = {
-                    method: run.log_training(tracker, config, prepared, result, role=method)
+                    method: run.log_training(
+                        tracker, config, prepared, result, role=method, checkpoint=job.kill_point
+                    )
                     for method, (tracker, result) in trained.items()
                 }
                 run.log_baselines(evaluate_baselines(prepared, horizon))
@@ -630,7 +632,7 @@ def run_retrain(
                     if alias == FALLBACK:
                         job.kill_point("register_fallback")
                     decisions[alias] = run.register_and_promote(
-                        logged[method], alias, prepared, horizon
+                        logged[method], alias, prepared, horizon, checkpoint=job.kill_point
                     )
             outcome, message = _decision_line(decisions)
             run.parent.set_tags({"retrain.outcome": outcome})

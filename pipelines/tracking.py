@@ -23,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -724,8 +724,12 @@ class RetrainRun:
         *,
         role: str,
         wall_seconds: float | None = None,
+        checkpoint: Callable[[str], None] | None = None,
     ) -> LoggedCandidate:
         """Log a finished `TrainOutcome` into its nested run and end that run.
+
+        `checkpoint(f"{role}_log_model")` is called once the metrics, plots and bundle files are
+        uploaded and before the ONNX model is (a hook for the retrain job's crash tests).
 
         Logs the config as params, val/test MSE, MAE, window counts, test MASE and sMAPE, the
         training wall time, the loss curve and forecast-vs-actual PNGs, the bundle's JSON files
@@ -774,6 +778,8 @@ class RetrainRun:
         for name in (PREPROCESSING_FILE, METADATA_FILE, STATIONARITY_FILE, CALIBRATION_FILE):
             if (bundle / name).is_file():
                 tracker.log_artifact(bundle / name, "bundle")
+        if checkpoint is not None:
+            checkpoint(f"{role}_log_model")
         example = _input_example(prepared, lookback)
         model_uri = self._log_onnx(
             tracker,
@@ -846,7 +852,12 @@ class RetrainRun:
             self.parent.log_metrics({f"baseline.{name}.{part}_mse": values["mse"]})
 
     def register_and_promote(
-        self, candidate: LoggedCandidate, alias: Alias, prepared: PreparedData, horizon: int
+        self,
+        candidate: LoggedCandidate,
+        alias: Alias,
+        prepared: PreparedData,
+        horizon: int,
+        checkpoint: Callable[[str], None] | None = None,
     ) -> PromotionDecision:
         """Register the candidate, verify the registered copy, and move `alias` if it is better.
 
@@ -859,8 +870,11 @@ class RetrainRun:
             TrackingError: registration, download or verification failed; the alias is untouched.
         """
         client, uri, name = self.tracking.client, self.tracking.uri, self.tracking.config_name
+        step = checkpoint if checkpoint is not None else (lambda _: None)
         version = _register(client, uri, name, candidate)
+        step(f"{alias}_registered")
         _verify(client, uri, name, version, candidate)
+        step(f"{alias}_verified")
         previous = _alias_holder(client, uri, name, alias)
         previous_score: float | None = None
         if previous is None:

@@ -187,7 +187,8 @@ def test_detect_scores_every_row_in_order(tmp_path: Path) -> None:
     assert "2000 rows, 1 series" in result.output
     scored = pd.read_csv(out)
     assert list(scored.columns) == ["timestamp", "value", "anomaly_score", "is_anomaly"]
-    assert len(scored) == n and (pd.to_datetime(scored["timestamp"]) == ds).all()
+    assert len(scored) == n
+    assert (pd.to_datetime(scored["timestamp"]) == ds).all()
     assert scored["anomaly_score"].between(0, 1).all()
     assert scored.loc[: int(0.15 * n) - 1, "anomaly_score"].eq(0).all()  # probation: fit only
     assert bool(scored.loc[1500, "is_anomaly"])
@@ -198,5 +199,6 @@ def test_detect_bad_input_exits_2_naming_the_row(tmp_path: Path) -> None:
     source.write_text("timestamp,value\n2024-01-01 00:00,1\n2024-01-01 00:05,oops\n")
     result = runner.invoke(app, ["detect", "-i", str(source), "-o", str(tmp_path / "o.csv")])
     assert result.exit_code == 2
-    assert "row 1" in result.output and "'oops'" in result.output
+    assert "row 1" in result.output
+    assert "'oops'" in result.output
     assert not (tmp_path / "o.csv").exists()

@@ -368,11 +368,12 @@ def test_cli_retrain_logs_registers_and_promotes_both_aliases(
     assert not (first.config.parent / "out" / LOCK_FILE).exists()
 
 
-# Each point kills the job at the start of a stage, or that many seconds into it.
+# Each point kills the job at a named step (deterministic: no timing).
 KILL_POINTS = (
     "train_bptt",  # the feedback model trained, its nested run still open
-    "log+1.0",  # during the artifact uploads (plots, bundle files, the ONNX model)
-    "register+0.8",  # during registration: register, download, verify, alias move
+    "bptt_log_model",  # during the artifact uploads: files uploaded, the ONNX model not yet
+    "champion_registered",  # a new version registered, not yet verified
+    "champion_verified",  # verified, the alias not yet moved
     "register_fallback",  # the champion decided and maybe moved, the fallback not yet
     "state",  # both aliases decided, the state file not yet written
 )

@@ -303,7 +303,9 @@ def test_retrain_logs_parent_and_nested_runs(retrain: Retrain) -> None:
     if roles["feedback"].data.tags["method"] == "feedback":
         assert client.get_metric_history(roles["feedback"].info.run_id, "spectral_radius")
         gate = client.get_metric_history(roles["feedback"].info.run_id, "gate_cosine")
-        assert gate and gate[0].step == 0 and -1 <= gate[0].value <= 1
+        assert gate
+        assert gate[0].step == 0
+        assert -1 <= gate[0].value <= 1
     baseline = roles["baseline:seasonal_naive"].data.metrics
     assert baseline["test_n_windows"] == 2 * (72 - 6 + 1)
     assert baseline["test_mse"] > 0
