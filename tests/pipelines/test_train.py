@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_configs import tiny_config
 
 from forecaster.calibration import CALIBRATION_FILE, DEFAULT_LEVELS, Calibration, conformal_rank
-from forecaster.config import Config, parse_config
+from forecaster.config import Config
 from forecaster.errors import ModelError
 from forecaster.evaluation import part_windows
 from forecaster.inference import open_session
@@ -28,20 +29,7 @@ from pipelines.train import (
 
 
 def _config(tmp_path: Path, **sections: object) -> Config:
-    raw: dict[str, object] = {
-        "name": "tiny",
-        "output_dir": str(tmp_path / "out"),
-        "data": {
-            "synthetic": {"n_series": 2, "length": 720, "seed": 1},
-            "split": {"val_size": 72, "test_size": 72},
-        },
-        "window": {"lookback": 24, "horizon": 6},
-        "preprocess": {"trend": "linear", "seasonality": "stl", "periods": [24]},
-        "model": {"name": "gru", "hidden_size": 8},
-        "train": {"epochs": 2, "batch_size": 64, "stride": 2},
-    }
-    raw.update(sections)
-    return parse_config(raw)
+    return tiny_config(tmp_path / "out", **sections)
 
 
 def _walk_csv(path: Path) -> Path:

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_configs import tiny_config
 
-from forecaster.config import parse_config
 from pipelines.train import METADATA_FILE, MODEL_FILE, run_training
 
 pytestmark = pytest.mark.gpu
@@ -17,19 +17,10 @@ pytestmark = pytest.mark.gpu
     ("method", "amp"), [("feedback", False), ("feedback", True), ("bptt", True)]
 )
 def test_training_job_runs_on_cuda(tmp_path: Path, method: str, amp: bool) -> None:
-    config = parse_config(
-        {
-            "name": "tiny-cuda",
-            "output_dir": str(tmp_path / "out"),
-            "data": {
-                "synthetic": {"n_series": 2, "length": 720, "seed": 1},
-                "split": {"val_size": 72, "test_size": 72},
-            },
-            "window": {"lookback": 24, "horizon": 6},
-            "preprocess": {"trend": "linear", "seasonality": "stl", "periods": [24]},
-            "model": {"name": "mi_gru", "hidden_size": 16},
-            "train": {"epochs": 3, "batch_size": 64, "stride": 2, "device": "cuda", "amp": amp},
-        }
+    config = tiny_config(
+        tmp_path / "out",
+        model={"name": "mi_gru", "hidden_size": 16},
+        train={"epochs": 3, "batch_size": 64, "stride": 2, "device": "cuda", "amp": amp},
     )
     outcome = run_training(config, method=method)
     assert outcome.history.device.startswith("cuda")

@@ -4,7 +4,6 @@ the estimate of `d`."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,16 +36,6 @@ FEEDBACK_MODELS = [
 ]
 MODEL_IDS = ["mi_gru-gru", "mi_gru-mi", "gru", "lmn", "scrn"]
 SCANS = ["loop", "chunked", "associative", "fft"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads; on a shared, busy CPU an OpenMP team waiting for a
-    descheduled thread made the op-heavy tests here up to 60x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class DiagonalLinear(RecurrentForecaster):

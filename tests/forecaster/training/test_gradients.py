@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,15 +27,6 @@ MODELS = [
     ("lstm", {}),
 ]
 MODEL_IDS = [name for name, _ in MODELS]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads and a busy shared CPU makes OpenMP teams wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(name: str, params: dict[str, object], seed: int = 0) -> RecurrentForecaster:

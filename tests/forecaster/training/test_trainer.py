@@ -26,15 +26,6 @@ from forecaster.training.windows import ForkingWindows
 LOOKBACK, HORIZON = 16, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: threads only add overhead on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _series(n: int = 200, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(n)
