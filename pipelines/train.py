@@ -382,6 +382,7 @@ def write_bundle(
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a separate serving account
     try:
         metadata = {"training_method": method, "config_name": config.name}
         for graph, name in (("window", MODEL_FILE), ("step", STEP_MODEL_FILE)):

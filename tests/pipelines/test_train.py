@@ -52,6 +52,7 @@ def test_training_writes_a_complete_bundle(trained: tuple[Config, object]) -> No
     bundle = outcome.bundle  # type: ignore[attr-defined]
     names = {p.name for p in bundle.iterdir()}
     assert {MODEL_FILE, STEP_MODEL_FILE, METADATA_FILE, "preprocessing.json"} <= names
+    assert bundle.stat().st_mode & 0o777 == 0o755  # readable by a serving account
     metadata = json.loads((bundle / METADATA_FILE).read_text())
     assert metadata["training_method"] == outcome.method  # type: ignore[attr-defined]
     assert metadata["metrics"]["test"]["n_windows"] == 2 * (72 - 6 + 1)
