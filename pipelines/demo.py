@@ -4,13 +4,21 @@ Steps (DESIGN.md §9): generate and validate data, fit preprocessing on the trai
 the stationarity gate, train the fixed-feedback champion candidate and the BPTT fallback, export
 both to ONNX (full-window and stateful step graphs, parity-checked against PyTorch), track every
 run in the embedded MLflow store and register both under the `champion` / `fallback` aliases,
-score them and the baselines on every test window, and forecast every series through ONNX
-Runtime with the preprocessing inverted. Progress goes to a `report` callback; the CLI renders it.
+score them and the baselines on every test window, forecast every series through ONNX
+Runtime with the preprocessing inverted, score every point for anomalies with the causal detector
+(checked against the generator's labels), and answer one forecast over HTTP from a real
+`bentoml serve` of the two bundles. Progress goes to a `report` callback; the CLI renders it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
+import subprocess
+import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from forecaster.config import Config
-from forecaster.data import ID_COL
+from forecaster.data import ID_COL, generate_plant
 from forecaster.inference import forecast_step, forecast_window, initial_state, open_session
 from forecaster.transform import future_timestamps, inverse_forecast
 from pipelines.prepare import PreparedData, prepare
@@ -56,11 +64,12 @@ class DemoResult:
     outcomes: dict[str, TrainOutcome]
     scores: dict[str, dict[str, float]]
     forecasts: list[SeriesForecast]
+    served_max_abs_diff: float
 
 
 def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
     """Run every stage that exists on the config's data and write the artifacts to `out_dir`."""
-    report(f"[1/5] data and preprocessing ({config.data.source}) → {out_dir}")
+    report(f"[1/7] data and preprocessing ({config.data.source}) → {out_dir}")
     prepared = prepare(config)
     prepared.write(out_dir / "preprocess")
     data = prepared.data
@@ -75,7 +84,7 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
             f"scale {series.scaling.scale:.3g}, differencing {series.difference}"
         )
     decision = prepared.decision
-    report(f"[2/5] stationarity gate: {decision.method} (d={decision.differences})")
+    report(f"[2/7] stationarity gate: {decision.method} (d={decision.differences})")
     report(f"      {decision.reason}")
 
     outcomes: dict[str, TrainOutcome] = {}
@@ -85,7 +94,7 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
         run.log_data(config, prepared)
         logged = {}
         for method, role in (("feedback", "champion candidate"), ("bptt", "fallback")):
-            report(f"[3/5] training the {role}: {config.model.name}, method {method}")
+            report(f"[3/7] training the {role}: {config.model.name}, method {method}")
             tracker = run.child(method)
             outcome = run_training(
                 config,
@@ -109,14 +118,14 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
             verb = "promoted" if decision.promoted else "kept"
             report(f"      registry @{alias}: {verb} — {decision.reason}")
 
-    report("[4/5] test windows, z-scored MSE / MAE (every window of the test part)")
+    report("[4/7] test windows, z-scored MSE / MAE (every window of the test part)")
     scores = {f"{config.model.name} ({m})": o.evaluations["test"] for m, o in outcomes.items()}
     scores.update(baselines)
     for name, score in scores.items():
         report(f"      {name:<22} MSE {score['mse']:.4f}  MAE {score['mae']:.4f}")
 
     champion = outcomes["feedback"].bundle
-    report(f"[5/5] forecasts through ONNX Runtime from {champion}")
+    report(f"[5/7] forecasts through ONNX Runtime from {champion}")
     forecasts = _forecast_all(prepared, config, champion / MODEL_FILE, champion / STEP_MODEL_FILE)
     for item in forecasts:
         head = ", ".join(f"{v:.3f}" for v in item.forecast[:4])
@@ -125,8 +134,110 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
             f"{np.datetime_as_string(item.ds[0], unit='s')}: {head}, … "
             f"(step graph agrees: {item.step_matches_window})"
         )
+    report("[6/7] anomaly scores, causal (fitted on each series' first 15%, then online)")
+    _detect_all(prepared, config, report)
+
+    report("[7/7] serving: bentoml serve of the two bundles on 127.0.0.1, one POST /forecast")
+    fallback = outcomes["bptt"].bundle
+    served = _serve_once(prepared, champion, fallback, out_dir / "bentoml")
+    diff = float(np.max(np.abs(served["point"] - forecasts[0].forecast)))
+    report(
+        f"      {forecasts[0].unique_id}: answered by {served['model']} in {served['ms']:.0f} ms; "
+        f"max |served - in-process| = {diff:.2e}"
+    )
     report(f"compare runs and versions: mlflow ui --backend-store-uri {tracking.uri}")
-    return DemoResult(prepared=prepared, outcomes=outcomes, scores=scores, forecasts=forecasts)
+    return DemoResult(
+        prepared=prepared,
+        outcomes=outcomes,
+        scores=scores,
+        forecasts=forecasts,
+        served_max_abs_diff=diff,
+    )
+
+
+def _detect_all(prepared: PreparedData, config: Config, report: Report) -> None:
+    """Score every series; with the synthetic source, count the injected events found."""
+    from pipelines.detect import detect_values, settings_from
+
+    labels = None
+    if config.data.source == "synthetic":
+        labels = generate_plant(**config.data.synthetic.model_dump()).anomalies
+    for uid, frame in prepared.data.frame.groupby(ID_COL, sort=False):
+        result, probation = detect_values(frame["y"].to_numpy(), settings_from(config))
+        flagged = np.flatnonzero(result.is_anomaly)
+        line = f"      {uid}: {len(flagged)} points flagged after {probation} fitting points"
+        if labels is not None:
+            ds = frame["ds"].to_numpy()
+            events = labels.loc[labels[ID_COL] == uid, "ds"].to_numpy()
+            scored = events[events >= ds[probation]]
+            rows = np.sort(np.searchsorted(ds, scored))
+            events = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1) if len(rows) else []
+            found = sum(
+                bool(np.any((flagged >= e[0] - 3) & (flagged <= e[-1] + 3))) for e in events
+            )
+            line += f"; injected events found: {found}/{len(events)} (within 3 rows)"
+        report(line)
+
+
+def _serve_once(
+    prepared: PreparedData, champion: Path, fallback: Path, home: Path
+) -> dict[str, object]:
+    """Start the service on a free port, POST one forecast for the first series, stop it."""
+    from serving.launch import server_command
+    from serving.settings import ServingSettings
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    settings = ServingSettings(champion_bundle=champion, fallback_bundle=fallback)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORECASTER_")}
+    env.update(settings.to_env(), BENTOML_HOME=str(home))
+    process = subprocess.Popen(
+        server_command("127.0.0.1", port),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with code {process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("bentoml serve was not ready within 180 s")
+            time.sleep(0.5)
+        uid, frame = next(iter(prepared.data.frame.groupby(ID_COL, sort=False)))
+        values = frame["y"].to_numpy()  # the whole history, as a client of a known series would
+        start = np.datetime_as_string(frame["ds"].to_numpy()[0], unit="s")
+        body = {"series": [{"unique_id": str(uid), "start": start, "values": values.tolist()}]}
+        request = urllib.request.Request(
+            f"{base}/forecast",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+        elapsed_ms = 1000 * (time.perf_counter() - started)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return {
+        "model": answer["model"],
+        "ms": elapsed_ms,
+        "point": np.asarray(answer["forecasts"][0]["point"], dtype=np.float64),
+    }
 
 
 def _forecast_all(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,11 @@ def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
         assert (out / f"bundle_{method}" / "model_step.onnx").is_file()
     assert "seasonal_naive" in result.output
     assert result.output.count("step graph agrees: True") == 2
+    assert result.output.count("injected events found:") == 2
+    assert "answered by champion" in result.output
+    served = re.search(r"max \|served - in-process\| = (\S+)", result.output)
+    assert served is not None
+    assert float(served.group(1)) <= 1e-4
     assert "mlflow ui --backend-store-uri sqlite:///" in result.output
     assert (out / "mlruns.db").is_file()
 
