@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow_server import Server, free_port
+from tiny_configs import tiny_config
 
-from forecaster.config import Config, parse_config
+from forecaster.config import Config
 from forecaster.errors import TrackingError
 from forecaster.inference import open_session
 from forecaster.transform import PreprocessingSpec
@@ -50,26 +51,17 @@ pytestmark = pytest.mark.integration
 
 
 def _config(out: Path, name: str = "tiny", **train: object) -> Config:
-    return parse_config(
-        {
-            "name": name,
-            "output_dir": str(out),
-            "data": {
-                "synthetic": {"n_series": 2, "length": 720, "seed": 1},
-                "split": {"val_size": 72, "test_size": 72},
-            },
-            "window": {"lookback": 24, "horizon": 6},
-            "preprocess": {"trend": "linear", "seasonality": "stl", "periods": [24]},
-            "model": {"name": "gru", "hidden_size": 8},
-            "train": {
-                "epochs": 2,
-                "batch_size": 64,
-                "stride": 2,
-                "max_windows": 128,
-                "device": "cpu",
-                **train,
-            },
-        }
+    return tiny_config(
+        out,
+        name=name,
+        train={
+            "epochs": 2,
+            "batch_size": 64,
+            "stride": 2,
+            "max_windows": 128,
+            "device": "cpu",
+            **train,
+        },
     )
 
 
