@@ -226,6 +226,9 @@ class AnomalyConfig(_Section):
     )
 
 
+Execution = Literal["local", "processes", "ray"]
+
+
 class Config(_Section):
     """A whole job: one experiment and one registered model per config."""
 
@@ -239,6 +242,14 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     anomaly: AnomalyConfig = AnomalyConfig()
+    execution: Execution = Field(
+        "local",
+        description="where per-series stages run: local, processes or ray (RAY_ADDRESS joins a "
+        "cluster; needs the [ray] extra)",
+    )
+    workers: int | None = Field(
+        None, ge=1, description="processes, or CPUs of a local Ray; default: all CPUs"
+    )
 
     @model_validator(mode="after")
     def _total_differencing(self) -> Config:

@@ -104,14 +104,34 @@ def prepare(config: Config, *, data_path: Path | None = None) -> PreparedData:
         for uid, rows in data.rows_per_series.items()
     }
     train_rows = {uid: split.train.stop for uid, split in splits.items()}
-    spec = fit_preprocessor(data.frame, config.preprocess, train_rows=train_rows)
-    train = _rows_before(data.frame, train_rows)
+    if config.execution == "local":
+        spec, decision = _preprocess_and_gate(data.frame, config, train_rows)
+    else:  # the same stages, one series per task (pipelines/executor.py)
+        from pipelines.executor import preprocess_and_gate, split_series
+
+        spec, decision = preprocess_and_gate(
+            split_series(data.frame),
+            config.preprocess,
+            config.stationarity,
+            train_rows=train_rows,
+            execution=config.execution,
+            workers=config.workers,
+        )
+    logger.info("gate: %s (d=%d): %s", decision.method, decision.differences, decision.reason)
+    return PreparedData(data=data, splits=splits, spec=spec, decision=decision)
+
+
+def _preprocess_and_gate(
+    frame: pd.DataFrame, config: Config, train_rows: dict[str, int]
+) -> tuple[PreprocessingSpec, GateDecision]:
+    """Fit the preprocessing on the training rows, gate the residuals, refit after a remedy."""
+    spec = fit_preprocessor(frame, config.preprocess, train_rows=train_rows)
+    train = _rows_before(frame, train_rows)
     order = config.preprocess.difference
     tested = {uid: _differenced(r, order) for uid, r in residuals(spec, train).items()}
     decision = gate(tested, config.stationarity)
     if decision.method == "feedback" and decision.differences:
         # The scale is fitted on the differenced residual, so the remedy means a refit.
         remedied = config.preprocess.model_copy(update={"difference": order + decision.differences})
-        spec = fit_preprocessor(data.frame, remedied, train_rows=train_rows)
-    logger.info("gate: %s (d=%d): %s", decision.method, decision.differences, decision.reason)
-    return PreparedData(data=data, splits=splits, spec=spec, decision=decision)
+        spec = fit_preprocessor(frame, remedied, train_rows=train_rows)
+    return spec, decision

@@ -44,7 +44,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -315,35 +315,69 @@ def gate(series: Mapping[str, npt.ArrayLike], config: StationarityConfig) -> Gat
         str(name): _as_series(x, label=f"series '{name}'", field_name=str(name))
         for name, x in series.items()
     }
-    max_order = config.d_max if config.remedy == "difference" else 0
     reports: dict[str, list[StationarityReport]] = {name: [] for name in arrays}
-    clauses: list[str] = []
-    passed_at: int | None = None
-    fractions: list[float] = []
-    failing_by_order: list[list[str]] = []
-
-    for order in range(max_order + 1):
+    for order in range(max_order(config) + 1):  # test order by order; stop once the set passes
         for name, values in arrays.items():
             reports[name].append(_check_named(values, name, order, config.alpha))
-        failing = [
-            name for name in arrays if not _passes(reports[name][order], config.allow_inconclusive)
-        ]
-        fraction = (len(arrays) - len(failing)) / len(arrays)
+        if _set_passes(reports, order, config)[0]:
+            break
+    return decide(reports, config)
+
+
+def max_order(config: StationarityConfig) -> int:
+    """The highest differencing order the gate tries."""
+    return config.d_max if config.remedy == "difference" else 0
+
+
+def _set_passes(
+    reports: Mapping[str, Sequence[StationarityReport]], order: int, config: StationarityConfig
+) -> tuple[bool, list[str], float]:
+    """(passes, failing series, passing fraction) of the set at differencing `order`."""
+    failing = [n for n, rs in reports.items() if not _passes(rs[order], config.allow_inconclusive)]
+    fraction = (len(reports) - len(failing)) / len(reports)
+    return fraction >= config.min_pass_fraction - 1e-12, failing, fraction
+
+
+def decide(
+    reports: Mapping[str, Sequence[StationarityReport]], config: StationarityConfig
+) -> GateDecision:
+    """The gate's set-level decision from per-series reports at orders `0, 1, …`.
+
+    Each series needs a report at every order up to the first one the set passes at (all of
+    `0..d_max` when it never passes); reports beyond that order are dropped, as `gate` never
+    computes them. This is the reduction step when the per-series checks ran elsewhere
+    (`pipelines.executor`).
+
+    Raises:
+        DataError: no series, or a series missing a report at an order the decision needs.
+    """
+    if not reports:
+        raise DataError("the stationarity gate needs at least one series, got none")
+    clauses: list[str] = []
+    failing_by_order: list[list[str]] = []
+    fractions: list[float] = []
+    passed_at: int | None = None
+    for order in range(max_order(config) + 1):
+        short = [name for name, rs in reports.items() if len(rs) <= order]
+        if short:
+            raise DataError(
+                f"series {short[0]!r}: {len(reports[short[0]])} stationarity report(s), "
+                f"the gate needs one at differencing order {order}",
+                field=short[0],
+            )
+        ok, failing, fraction = _set_passes(reports, order, config)
         fractions.append(fraction)
         failing_by_order.append(failing)
-        ok = fraction >= config.min_pass_fraction - 1e-12
         clauses.append(_order_clause(order, reports, failing, fraction, ok, config))
         if ok:
             passed_at = order
             break
-
+    method: Method
     if passed_at is not None:
-        method: Method = "feedback"
-        differences = passed_at
+        method, differences = "feedback", passed_at
         reason = "; ".join(clauses) + f" → feedback with d={differences}"
     else:
-        method = "refuse" if config.strict else "bptt"
-        differences = 0
+        method, differences = ("refuse" if config.strict else "bptt"), 0
         if config.remedy == "none":
             why = "remedy 'none'"
         elif config.d_max == 0:
@@ -352,20 +386,17 @@ def gate(series: Mapping[str, npt.ArrayLike], config: StationarityConfig) -> Gat
             why = f"still failing at d_max={config.d_max}"
         strict = ", strict mode" if config.strict else ""
         reason = "; ".join([*clauses, f"{why}{strict} → {method}"])
-    decision = GateDecision(
+    tried = len(fractions)
+    (logger.info if method == "feedback" else logger.warning)("stationarity gate: %s", reason)
+    return GateDecision(
         method=method,
         differences=differences,
         reason=reason,
         pass_fraction=fractions[differences],
-        reports=reports,
+        reports={name: list(rs[:tried]) for name, rs in reports.items()},
         failing=failing_by_order[differences],
         config=config.model_dump(mode="json"),
     )
-    if method == "feedback":
-        logger.info("stationarity gate: %s", reason)
-    else:
-        logger.warning("stationarity gate: %s", reason)
-    return decision
 
 
 def save_report(decision: GateDecision, path: str | Path) -> Path:
