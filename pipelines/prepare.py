@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from forecaster.bundle import PREPROCESSING_FILE, STATIONARITY_FILE
 from forecaster.config import Config
 from forecaster.data import ID_COL, Split, ValidatedData, load_validated, make_split
 from forecaster.transform import PreprocessingSpec
@@ -21,9 +22,6 @@ from pipelines.preprocess import fit_preprocessor, residuals
 from pipelines.stationarity import GateDecision, gate, save_report
 
 logger = logging.getLogger(__name__)
-
-PREPROCESSING_FILE = "preprocessing.json"
-STATIONARITY_FILE = "stationarity.json"
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,17 @@ from urllib.parse import urlparse
 import numpy as np
 import numpy.typing as npt
 
+from forecaster.bundle import (
+    METADATA_FILE,
+    MODEL_FILE,
+    PREPROCESSING_FILE,
+    STATIONARITY_FILE,
+    STEP_MODEL_FILE,
+)
 from forecaster.calibration import CALIBRATION_FILE
 from forecaster.config import Config
 from forecaster.errors import ForecasterError, TrackingError
-from pipelines.prepare import PREPROCESSING_FILE, STATIONARITY_FILE, PreparedData
+from pipelines.prepare import PreparedData
 
 logger = logging.getLogger(__name__)
 
@@ -736,7 +743,6 @@ class RetrainRun:
         and the ONNX window model (onnx flavour, signature and `[1, L, 1]` input example; the
         step graph and JSON files ride along as extra files).
         """
-        from pipelines.train import METADATA_FILE, MODEL_FILE, STEP_MODEL_FILE
 
         bundle: Path = outcome.bundle
         lookback, horizon = config.window.lookback, config.window.horizon
@@ -974,7 +980,7 @@ def _download(uri: str, name: str, version: str, folder: Path) -> Path:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{name}/{version}", dst_path=str(folder)
         )
-    found = sorted(Path(local).rglob("model.onnx"), key=lambda p: len(p.parts))
+    found = sorted(Path(local).rglob(MODEL_FILE), key=lambda p: len(p.parts))
     if not found:
         raise TrackingError(f"{name} v{version} at {uri}: no model.onnx in the registered model")
     return found[0].parent
@@ -983,13 +989,12 @@ def _download(uri: str, name: str, version: str, folder: Path) -> Path:
 def _verify(client: Any, uri: str, name: str, version: str, candidate: LoggedCandidate) -> None:
     """The registered copy must load and reproduce the local bundle's forecast (≤ 1e-5)."""
     from forecaster.inference import forecast_window, open_session
-    from pipelines.train import MODEL_FILE
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = _download(uri, name, version, Path(tmp))
         try:
             remote = forecast_window(
-                open_session(folder / "model.onnx", device="cpu"), candidate.input_example
+                open_session(folder / MODEL_FILE, device="cpu"), candidate.input_example
             )
         except ForecasterError as exc:
             raise TrackingError(f"{name} v{version} at {uri} does not load: {exc}") from exc
@@ -1049,7 +1054,7 @@ def _score_holder(
             spec=PreprocessingSpec.load(specs[0]),
             decision=prepared.decision,
         )
-        session = open_session(folder / "model.onnx", device="cpu")
+        session = open_session(folder / MODEL_FILE, device="cpu")
         score = summary(evaluate_session(session, own, model_inputs(own), horizon, "test"))
     return float(score["mse"])
 
@@ -1125,7 +1130,7 @@ def promote(
     with tempfile.TemporaryDirectory() as tmp:
         folder = _download(resolved, name, version, Path(tmp))
         try:
-            open_session(folder / "model.onnx", device="cpu")
+            open_session(folder / MODEL_FILE, device="cpu")
         except ForecasterError as exc:
             raise TrackingError(f"{name} v{version} at {resolved} does not load: {exc}") from exc
     _move_alias(client, resolved, name, alias, version)

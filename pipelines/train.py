@@ -26,6 +26,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from forecaster.bundle import (
+    METADATA_FILE,
+    MODEL_FILE,
+    PREPROCESSING_FILE,
+    STATIONARITY_FILE,
+    STEP_MODEL_FILE,
+)
 from forecaster.calibration import (
     CALIBRATION_FILE,
     DEFAULT_LEVELS,
@@ -40,16 +47,12 @@ from forecaster.files import atomic_write_text
 from forecaster.inference import forecast_window, open_session
 from forecaster.metrics import coverage, interval_width
 from forecaster.transform import SeriesTransform, Transformed, inverse_forecast, transform
-from pipelines.prepare import PREPROCESSING_FILE, STATIONARITY_FILE, PreparedData, prepare
+from pipelines.prepare import PreparedData, prepare
 
 logger = logging.getLogger(__name__)
 
 Method = Literal["feedback", "bptt", "tbptt"]
 Part = Literal["val", "test"]
-
-MODEL_FILE = "model.onnx"
-STEP_MODEL_FILE = "model_step.onnx"
-METADATA_FILE = "metadata.json"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from forecaster.bundle import METADATA_FILE, MODEL_FILE, PREPROCESSING_FILE, STEP_MODEL_FILE
 from forecaster.calibration import CALIBRATION_FILE, Calibration
 from forecaster.errors import DataError, ForecasterError, ModelError, ModelUnavailable
 from forecaster.inference import (
@@ -73,10 +74,6 @@ __all__ = [
 
 Role = Literal["champion", "fallback"]
 Status = Literal["ready", "degraded", "unavailable"]
-MODEL_FILE = "model.onnx"
-STEP_MODEL_FILE = "model_step.onnx"
-PREPROCESSING_FILE = "preprocessing.json"
-METADATA_FILE = "metadata.json"
 _EXTRA = "extra_files"  # where MLflow's onnx flavour keeps a logged model's extra files
 
 
