@@ -231,8 +231,14 @@ def train(
     ] = False,
     overrides: SetOption = None,
 ) -> None:
-    """Train the configured model (resuming from checkpoints), export it, score it on test."""
+    """Train the configured model (resuming from checkpoints), export it, score it on test.
+
+    Under `torchrun --nproc-per-node N` the processes train one model data-parallel (gloo on
+    CPU, NCCL on GPUs; `train.batch_size` is the global batch); rank 0 checkpoints and writes
+    the bundle.
+    """
     with _user_errors():
+        from forecaster.training import distributed
         from pipelines.train import run_training
 
         extra = list(overrides or [])
@@ -241,16 +247,23 @@ def train(
         if device is not None:
             extra.append(f"train.device={device}")
         cfg = _load(config, extra)
-        outcome = run_training(
-            cfg,
-            data_path=data,
-            out_dir=out,
-            resume=not fresh,
-            progress=sys.stderr.isatty(),
-        )
+        distributed.init_from_env(cfg.train.device)
+        try:
+            outcome = run_training(
+                cfg,
+                data_path=data,
+                out_dir=out,
+                resume=not fresh,
+                progress=sys.stderr.isatty(),
+            )
+        finally:
+            distributed.shutdown()
+        if outcome.bundle is None:
+            return  # a rank other than 0: rank 0 reports
         history = outcome.history
         console.print(
-            f"trained {cfg.model.name} with {outcome.method} ({outcome.method_reason}); "
+            f"trained {cfg.model.name} with {outcome.method} ({outcome.method_reason})"
+            f"{f' on {history.world_size} processes' if history.world_size > 1 else ''}; "
             f"{len(history.epochs)} epochs in {history.total_seconds:.1f} s, best validation "
             f"MSE {history.best_val_loss:.4f} at epoch {history.best_epoch}",
             highlight=False,

@@ -80,7 +80,7 @@ class TrainOutcome:
     method_reason: str
     history: Any  # TrainHistory
     evaluations: dict[str, dict[str, float]]
-    bundle: Path
+    bundle: Path | None  # None on the ranks other than 0 of a data-parallel run: they write nothing
     calibration: Calibration | None = None
     test_forecasts: dict[str, PartForecasts] | None = None  # the exported model's, per series
 
@@ -446,7 +446,11 @@ def run_training(
     """The whole job: prepare, train, export, evaluate the exported model, write the bundle.
 
     `prepared` skips the front of the pipeline when the caller already ran it on this config.
+    In a data-parallel run (`torchrun`, `forecaster.training.distributed`) every rank prepares
+    the data and trains; only rank 0 exports, scores and writes the bundle.
     """
+    from forecaster.training.distributed import current
+
     if prepared is None:
         prepared = prepare(config, data_path=data_path)
     inputs = model_inputs(prepared)
@@ -463,6 +467,8 @@ def run_training(
         callbacks=callbacks,
         progress=progress,
     )
+    if not current().is_main:
+        return TrainOutcome(model, used, reason, history, evaluations={}, bundle=None)
     horizon = config.window.horizon
     evaluations: dict[str, dict[str, float]] = {}
     calibrations: list[Calibration] = []

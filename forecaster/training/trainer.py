@@ -13,7 +13,10 @@ before the first epoch (a failure trains with BPTT instead) and every `feedback.
 epochs (repeated failures switch to BPTT from the current weights); the reports, the method in
 use and the switch epoch are in the history and its checkpoint. Subscribers (the
 MLflow tracker) receive `on_epoch_end` and `on_train_end` events; the loop logs one INFO line per
-epoch.
+epoch. Under a process group (`torchrun`, Ray Train; `forecaster.training.distributed`) the same
+loop trains data-parallel: each rank takes its share of every global batch, gradients are averaged
+over the ranks before clipping, validation is split over the ranks and summed, and only rank 0
+checkpoints, logs and calls the subscribers.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from forecaster.config import TrainConfig
 from forecaster.errors import ConfigError, DataError, ModelError
 from forecaster.losses import ForecastLoss
 from forecaster.models.base import RecurrentForecaster
+from forecaster.training import distributed as ddp
 from forecaster.training.checkpoint import (
     Checkpoint,
     capture_rng_state,
@@ -151,7 +155,8 @@ class TrainHistory:
         best_val_loss: the best validation loss.
         stopped_early: whether `patience` plateaus in a row ended the run.
         total_seconds: wall time of the run (summed over resumed sessions).
-        device: where it trained (`cpu`, `cuda:0`).
+        device: where it trained (`cpu`, `cuda:0`; rank 0's device in a data-parallel run).
+        world_size: processes that trained it data-parallel (1: a single process).
         memory_measure: what `peak_memory_mb` means: `cpu_max_rss` or `cuda_max_allocated`.
     """
 
@@ -168,6 +173,7 @@ class TrainHistory:
     stopped_early: bool = False
     total_seconds: float = 0.0
     device: str = "cpu"
+    world_size: int = 1
     memory_measure: str = "cpu_max_rss"
 
     @property
@@ -220,7 +226,11 @@ class TrainResult:
 
 @runtime_checkable
 class TrainCallback(Protocol):
-    """Subscriber to training events (the MLflow tracker, a test probe)."""
+    """Subscriber to training events (the MLflow tracker, a test probe).
+
+    A subscriber may also define `on_step_end(step: int, model)`, called after every optimiser
+    step while `.grad` still holds that step's gradient (averaged over the ranks, clipped).
+    """
 
     def on_epoch_end(self, record: EpochRecord, history: TrainHistory) -> None:
         """After each epoch's validation and checkpoint; `history` includes `record`."""
@@ -267,25 +277,33 @@ def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> torch.device:
 
 @torch.no_grad()
 def evaluate_mse(
-    model: RecurrentForecaster, windows: ForkingWindows, *, batch_size: int = 256
+    model: RecurrentForecaster,
+    windows: ForkingWindows,
+    *,
+    batch_size: int = 256,
+    group: ddp.Distributed | None = None,
 ) -> float:
     """Unweighted MSE of the last-step forecasts `[N, H]` over every window (none dropped).
 
     The model is evaluated in eval mode on its own device and dtype, then put back in the mode
-    it was in.
+    it was in. In a process group (`group`) each rank scores every N-th window and the sums are
+    added over the ranks, so every rank returns the same loss over all windows.
     """
+    group = group or ddp.Distributed()
     reference = next(model.parameters())
     windows = windows.to(reference.device)
+    positions = np.arange(group.rank, len(windows), group.world_size, dtype=np.int64)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=reference.device)
     try:
-        for batch in windows.iter_batches(batch_size):
+        for batch in windows.iter_batches(batch_size, positions):
             pred = model.forecast(batch.x.to(reference.dtype))  # [B, H]
             error = pred.double() - batch.last_target.double()  # [B, H]
             total += (error * error).sum()
     finally:
         model.train(was_training)
+    total = ddp.sum_over_ranks(total, group)
     return float(total) / (len(windows) * windows.horizon)
 
 
@@ -302,6 +320,7 @@ def train(
     progress: bool = False,
     seed: int = 0,
     method_reason: str | None = None,
+    group: ddp.Distributed | None = None,
 ) -> TrainResult:
     """Train `model` in place on forking-sequence windows and return it with its history.
 
@@ -319,20 +338,34 @@ def train(
         seed: drives Python, numpy and torch randomness and the window shuffling.
         method_reason: why the caller chose `config.method` (e.g. the stationarity gate's
             reason); recorded in the history.
+        group: the process group to train data-parallel in; default `distributed.current()`
+            (whatever torchrun, Ray Train or the caller initialised; one process when none).
+            Every rank calls `train` with the same arguments; `config.batch_size` is the
+            global batch.
 
     Returns:
         `TrainResult` with the best weights restored in `model`.
 
     Raises:
-        ConfigError: CUDA asked for but absent, `resume` without `checkpoint_dir`, or a
-            checkpoint written under other settings.
+        ConfigError: CUDA asked for but absent, `resume` without `checkpoint_dir`, a
+            checkpoint written under other settings, or a global batch size that the world
+            size does not divide.
         DataError: windows that do not match each other or the model.
         ModelError: the training loss became non-finite.
     """
     _check_inputs(model, train_windows, val_windows)
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs a checkpoint_dir", field="resume")
+    group = group or ddp.current()
+    if config.batch_size % group.world_size != 0:
+        raise ConfigError(
+            f"config.train.batch_size: {config.batch_size} (the global batch) is not divisible "
+            f"by the {group.world_size} training processes",
+            field="batch_size",
+        )
     device = resolve_device(config.device)
+    if device.type == "cuda" and group.enabled:
+        device = torch.device("cuda", torch.cuda.current_device())  # the launcher's choice
     method, reason = _choose_method(config.method, model, method_reason)
     use_amp = _use_amp(config.amp, device)
     if loss_fn is None:
@@ -341,8 +374,10 @@ def train(
         )
     with _deterministic(config.deterministic, device):
         _seed_everything(seed)
+        model = model.to(device)
+        ddp.broadcast_parameters(model, group)
         run = _Run(
-            model=model.to(device),
+            model=model,
             train_windows=train_windows.to(device),
             val_windows=val_windows.to(device),
             config=config,
@@ -356,13 +391,15 @@ def train(
                 method=method,
                 method_reason=reason,
                 device=str(device),
+                world_size=group.world_size,
                 memory_measure="cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
             ),
             run_hash=_run_hash(model, train_windows, val_windows, config, seed, method),
             checkpoint_dir=checkpoint_dir,
-            callbacks=tuple(callbacks),
+            callbacks=tuple(callbacks) if group.is_main else (),
+            group=group,
         )
-        return run.execute(resume=resume, progress=progress)
+        return run.execute(resume=resume, progress=progress and group.is_main)
 
 
 @dataclass
@@ -382,6 +419,8 @@ class _Run:
     run_hash: str
     checkpoint_dir: Path | None
     callbacks: tuple[TrainCallback, ...]
+    group: ddp.Distributed = field(default_factory=ddp.Distributed)
+    step_callbacks: tuple[Callable[[int, RecurrentForecaster], None], ...] = field(init=False)
     epoch: int = 0
     step: int = 0
     plateau: _Plateau = field(default_factory=_Plateau)
@@ -392,6 +431,9 @@ class _Run:
     optimizer: torch.optim.Optimizer = field(init=False)
 
     def __post_init__(self) -> None:
+        self.step_callbacks = tuple(
+            callback.on_step_end for callback in self.callbacks if hasattr(callback, "on_step_end")
+        )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
         )
@@ -403,7 +445,9 @@ class _Run:
         seconds_before = 0.0
         finished = False
         if resume and self.checkpoint_dir is not None:
-            checkpoint = load_checkpoint(self.checkpoint_dir)
+            checkpoint = ddp.broadcast_object(
+                load_checkpoint(self.checkpoint_dir) if self.group.is_main else None, self.group
+            )
             if checkpoint is None:
                 logger.info("no checkpoint in %s; training from the start", self.checkpoint_dir)
             else:
@@ -443,6 +487,8 @@ class _Run:
         order = self.train_windows.epoch_order(self.shuffle_rng, config.max_windows)
         feedback_seconds = self._refresh_feedback(order)
         gate_seconds = self._model_gate()
+        share = ddp.shard(order, self.group)  # this rank's part of every global batch
+        batch_size = config.batch_size // self.group.world_size
         lr = self.optimizer.param_groups[0]["lr"]
         dtype = next(self.model.parameters()).dtype
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -450,10 +496,10 @@ class _Run:
         eval_seconds = 0.0
         stopped = False
         last_eval_step = -1
-        n_batches = math.ceil(len(order) / config.batch_size)
+        n_batches = math.ceil(len(share) / batch_size)
         self.model.train()
         loop_start = time.perf_counter()
-        for i, batch in enumerate(self.train_windows.iter_batches(config.batch_size, order)):
+        for i, batch in enumerate(self.train_windows.iter_batches(batch_size, share)):
             loss = self._step(batch.x.to(dtype), batch.target.to(dtype), batch.mask)
             loss_sum += loss.double()
             steps += 1
@@ -472,6 +518,7 @@ class _Run:
             torch.cuda.synchronize(self.device)
         # Steps are timed as a whole after one synchronisation, not one by one (no GPU stalls).
         train_seconds = time.perf_counter() - loop_start - eval_seconds
+        loss_sum = ddp.sum_over_ranks(loss_sum, self.group) / self.group.world_size
         train_loss = float(loss_sum) / max(steps, 1)
         if not math.isfinite(train_loss):
             raise ModelError(
@@ -502,7 +549,8 @@ class _Run:
             gate_seconds=gate_seconds,
         )
         self.history = replace(self.history, epochs=(*self.history.epochs, record))
-        logger.info(
+        logger.log(
+            logging.INFO if self.group.is_main else logging.DEBUG,
             "epoch %d/%d %s train %.5f val %.5f best %.5f lr %.2e %.1fs%s",
             self.epoch,
             config.epochs,
@@ -529,8 +577,11 @@ class _Run:
                 d=self.d,
                 truncation=self.config.truncation,
             )
+        ddp.average_gradients(self.model, self.group)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
         self.optimizer.step()
+        for callback in self.step_callbacks:
+            callback(self.step + 1, self.model)
         return loss.detach()
 
     def _refresh_feedback(self, order: npt.NDArray[np.int64]) -> float | None:
@@ -547,8 +598,12 @@ class _Run:
             self.train_windows.batch(order[i * size : (i + 1) * size]).x.to(dtype) for i in range(n)
         ]
         start = time.perf_counter()
+        # Every rank estimates from the same (global) batches; rank 0's d is used by all, so
+        # nondeterministic kernels cannot give the ranks different backward systems.
         self.estimate = estimate_feedback(self.model, batches, feedback)
-        self.d = self.estimate.d.to(device=self.device, dtype=dtype)
+        self.d = ddp.broadcast_tensor(
+            self.estimate.d.to(device=self.device, dtype=dtype).contiguous(), self.group
+        )
         logger.debug(
             "feedback %s: spectral radius %.4f (unclipped %.4f)",
             self.estimate.kind,
@@ -589,6 +644,7 @@ class _Run:
             epoch=self.epoch - 1,
             checks=("stability", "jacobian", "gradient") if initial else ("gradient",),
         )
+        report = ddp.broadcast_object(report, self.group)  # one decision for every rank
         reports = (*self.history.model_gate, report)
         self.history = replace(self.history, model_gate=reports)
         logger.info("model gate before epoch %d: %s", self.epoch, report.reason)
@@ -619,7 +675,7 @@ class _Run:
     def _evaluate(self, *, epoch: int) -> bool:
         """Validate, update best weights and learning rate; True when patience is exhausted."""
         size = max(self.config.batch_size, _MIN_EVAL_BATCH)
-        val_loss = evaluate_mse(self.model, self.val_windows, batch_size=size)
+        val_loss = evaluate_mse(self.model, self.val_windows, batch_size=size, group=self.group)
         improved = self.plateau.update(val_loss)
         if improved:
             self.best_state = _cpu_copy(self.model.state_dict())
@@ -642,7 +698,7 @@ class _Run:
     # ---- checkpoints --------------------------------------------------------------------
 
     def _save(self, finished: bool) -> None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not self.group.is_main:
             return
         save_checkpoint(
             Checkpoint(
@@ -679,7 +735,10 @@ class _Run:
         self.shuffle_rng.bit_generator.state = checkpoint.shuffle_state
         saved = TrainHistory.from_dict(checkpoint.history)
         self.history = replace(
-            saved, device=self.history.device, memory_measure=self.history.memory_measure
+            saved,
+            device=self.history.device,
+            world_size=self.history.world_size,
+            memory_measure=self.history.memory_measure,
         )
         if saved.method not in ("feedback", "bptt", "tbptt"):
             raise ConfigError(
