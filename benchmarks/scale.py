@@ -1,20 +1,31 @@
-"""Preprocessing + stationarity gate for many series: local vs process pool vs Ray (issue 9).
+"""Scale-out: per-series preprocessing + gate (local, processes, Ray) and DDP training (issue 9).
 
-Question: what throughput does the per-series front of the pipeline (`pipelines.executor.
+Question 1: what throughput does the per-series front of the pipeline (`pipelines.executor.
 preprocess_and_gate`: fit trend + STL + scaling, ADF + KPSS at each order the gate may try, the
 set-level decision, the refit when the gate differences) reach with `execution: local` (one
 process), `processes` (2) and `ray` (a local Ray with 2 CPUs), what does Ray cost per task, and
 what would 50,000 series take on a 32-node cluster? All three runs must give the same
 `preprocessing.json` and `stationarity.json` (checked).
 
+Question 2: how does one epoch of a global model (MI-GRU over many series' windows) scale from one
+to two data-parallel processes launched by `torchrun` (gloo), for fixed-feedback and BPTT
+training, at the same global batch? Each process uses one thread; one process with two threads
+(the other way to spend the same two cores) is timed too. Scaling efficiency =
+t(1 process) / (N x t(N processes)).
+
 Writes benchmarks/results/scale.json and .md. Run: python benchmarks/scale.py [--series 5000]
+(`--ddp-worker` is the entry point of one torchrun rank, not for direct use).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +46,90 @@ from pipelines.stationarity import decide  # noqa: E402
 
 PREPROCESS = PreprocessConfig(trend="linear", seasonality="stl", periods=[24])
 STATIONARITY = StationarityConfig(d_max=1)
+# The global model of question 2: hourly series, one week of look-back, one day ahead.
+DDP_SERIES, DDP_LENGTH, DDP_LOOKBACK, DDP_HORIZON = 64, 1200, 168, 24
+DDP_HIDDEN, DDP_BATCH, DDP_WINDOWS, DDP_EPOCHS = 64, 64, 4096, 3
+
+
+def ddp_worker(out: Path, method: str) -> None:
+    """One rank of the DDP timing: train the global model, rank 0 writes its history as JSON."""
+    import numpy as np
+    import torch
+
+    from forecaster.config import TrainConfig
+    from forecaster.models.registry import build
+    from forecaster.training import distributed
+    from forecaster.training.trainer import train
+    from forecaster.training.windows import ForkingWindows
+
+    group = distributed.init_from_env("cpu")
+    try:
+        plant = generate_plant(n_series=DDP_SERIES, length=DDP_LENGTH, freq="h", seed=1)
+        series = []
+        for _, frame in plant.frame.groupby("unique_id", sort=True):
+            y = frame["y"].to_numpy(np.float64)
+            series.append((y - y[:1000].mean()) / y[:1000].std())
+        common = {"lookback": DDP_LOOKBACK, "horizon": DDP_HORIZON}
+        train_w = ForkingWindows(series, rows=slice(0, 1000), stride=2, **common)
+        val_w = ForkingWindows(series, rows=slice(1000 - DDP_LOOKBACK, DDP_LENGTH), **common)
+        torch.manual_seed(0)
+        model = build("mi_gru", input_size=1, hidden_size=DDP_HIDDEN, horizon=DDP_HORIZON)
+        config = TrainConfig(
+            method=method,  # type: ignore[arg-type]
+            epochs=DDP_EPOCHS,
+            batch_size=DDP_BATCH,
+            max_windows=DDP_WINDOWS,
+            patience=DDP_EPOCHS,
+            device="cpu",
+        )
+        result = train(model, train_w, val_w, config, seed=0)
+        if group.is_main:
+            (out / "history.json").write_text(json.dumps(result.history.to_dict()))
+    finally:
+        distributed.shutdown()
+
+
+def _ddp_epoch_seconds(method: str, processes: int, threads: int) -> dict[str, Any]:
+    """Launch `processes` ranks (torchrun when > 1) of `ddp_worker`; epoch times after the first."""
+    with tempfile.TemporaryDirectory() as folder:
+        launcher = [sys.executable]
+        if processes > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone"]
+            launcher += ["--nproc-per-node", str(processes)]
+        command = [*launcher, __file__, "--ddp-worker", folder, "--method", method]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+        history = json.loads((Path(folder) / "history.json").read_text())
+    seconds = [epoch["train_seconds"] for epoch in history["epochs"][1:]]  # epoch 1 warms up
+    steps = history["epochs"][-1]["steps"]
+    row = {
+        "method": method,
+        "processes": processes,
+        "threads_per_process": threads,
+        "epoch_train_s": round(statistics.median(seconds), 3),
+        "steps_per_epoch": steps,
+        "global_batch": DDP_BATCH,
+        "world_size": history["world_size"],
+        "best_val_loss": round(history["best_val_loss"], 5),
+    }
+    print(f"ddp {method} {processes}x{threads} threads: {row['epoch_train_s']} s per epoch")
+    return row
+
+
+def ddp_scaling() -> list[dict[str, Any]]:
+    """Epoch time of the global model: 1 process, 2 DDP processes, 1 process with 2 threads."""
+    rows = []
+    for method in ("feedback", "bptt"):
+        single = _ddp_epoch_seconds(method, 1, 1)
+        pair = _ddp_epoch_seconds(method, 2, 1)
+        threads = _ddp_epoch_seconds(method, 1, 2)
+        pair["speedup"] = round(single["epoch_train_s"] / pair["epoch_train_s"], 3)
+        pair["efficiency"] = round(pair["speedup"] / 2, 3)
+        threads["speedup"] = round(single["epoch_train_s"] / threads["epoch_train_s"], 3)
+        threads["efficiency"] = round(threads["speedup"] / 2, 3)
+        single["speedup"], single["efficiency"] = 1.0, 1.0
+        rows += [single, pair, threads]
+    return rows
 
 
 def _timed(execution: str, frames: list[Any], workers: int, train: int) -> tuple[float, str]:
@@ -69,7 +164,12 @@ def main() -> None:
     parser.add_argument("--target-series", type=int, default=50_000)
     parser.add_argument("--nodes", type=int, default=32)
     parser.add_argument("--cores-per-node", type=int, default=16)
+    parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="feedback", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ddp_worker is not None:
+        ddp_worker(args.ddp_worker, args.method)
+        return
 
     import ray
 
@@ -96,6 +196,7 @@ def main() -> None:
         ray.shutdown()
     local_task_s = _task_overhead("local", tasks, 1)
     identical = reference == proc_artifacts == ray_artifacts
+    ddp_rows = ddp_scaling()
 
     prepared = [
         prepare_series(f, preprocess=PREPROCESS, stationarity=STATIONARITY, train_rows=train)
@@ -157,6 +258,14 @@ def main() -> None:
         "ray_overhead_per_task_s": round(ray_task_s - local_task_s, 6),
         "decide_per_series_s": round(decide_per_series_s, 7),
         "extrapolation": extrapolation,
+        "ddp": {
+            "model": f"mi_gru hidden {DDP_HIDDEN}",
+            "series": DDP_SERIES,
+            "lookback": DDP_LOOKBACK,
+            "horizon": DDP_HORIZON,
+            "windows_per_epoch": DDP_WINDOWS,
+            "rows": ddp_rows,
+        },
         "ray_version": package_versions(("ray",)).get("ray"),
     }
     table = [
@@ -195,6 +304,21 @@ def main() -> None:
         f"- total ≈ {extrapolation['total_s']} s, vs {extrapolation['single_core_s']} s on one "
         "core. Not included: shipping the data to the cluster (the frames go through the driver "
         "and Ray's object store here; at scale, read per-node shards instead) and Ray's start-up.",
+        "",
+        "## One global model: data-parallel training under torchrun (gloo, CPU)",
+        "",
+        f"MI-GRU hidden {DDP_HIDDEN} on {DDP_SERIES} series' windows (L = {DDP_LOOKBACK}, "
+        f"H = {DDP_HORIZON}), global batch {DDP_BATCH}, {DDP_WINDOWS} windows per epoch; "
+        "median optimiser-step time of the epochs after the first (validation excluded).",
+        "",
+        "| method | processes | threads each | epoch s | speed-up | efficiency | best val MSE |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {r['method']} | {r['processes']} | {r['threads_per_process']} "
+            f"| {r['epoch_train_s']} | {r['speedup']} | {r['efficiency']} "
+            f"| {r['best_val_loss']} |"
+            for r in ddp_rows
+        ),
     ]
     write_results("scale", payload, "\n".join(table))
 

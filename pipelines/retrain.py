@@ -624,7 +624,14 @@ def run_retrain(
                     )
                     for method, (tracker, result) in trained.items()
                 }
-                run.log_baselines(evaluate_baselines(prepared, horizon))
+                run.log_baselines(
+                    evaluate_baselines(
+                        prepared,
+                        horizon,
+                        execution=config.execution,
+                        workers=config.workers,
+                    )
+                )
             decisions: dict[str, PromotionDecision] = {}
             with job.stage("register"):
                 for method, alias in (("feedback", CHAMPION), ("bptt", FALLBACK)):

@@ -14,17 +14,19 @@ temporary folder and renamed, so it is whole or absent.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 
 from forecaster.bundle import (
     METADATA_FILE,
@@ -40,7 +42,8 @@ from forecaster.calibration import (
     fit_calibration,
     level_label,
 )
-from forecaster.config import Config
+from forecaster.config import Config, Execution
+from forecaster.data import ID_COL, Split
 from forecaster.errors import ModelError
 from forecaster.evaluation import Evaluation, evaluate_forecaster, part_windows
 from forecaster.files import atomic_write_text
@@ -510,32 +513,59 @@ def run_training(
 
 
 def evaluate_baselines(
-    prepared: PreparedData, horizon: int, part: Part = "test"
+    prepared: PreparedData,
+    horizon: int,
+    part: Part = "test",
+    *,
+    execution: Execution = "local",
+    workers: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Repeat-last and seasonal-naive on the same windows.
+    """Repeat-last and seasonal-naive on the same windows, one series per task of `execution`.
 
     The season is the shortest fitted seasonal period, else the daily period of the data's
-    frequency (`seasonal_periods`), else 1.
+    frequency (`seasonal_periods`), else 1. The per-series stage is `baseline_scores` (one
+    series' frame in, its evaluations out), run by `pipelines.executor.run_per_series`.
     """
-    from forecaster.baselines import baseline
     from forecaster.data import seasonal_periods
+    from pipelines.executor import run_per_series, split_series
 
     natural = seasonal_periods(prepared.data.freq)
-
-    results: dict[str, dict[str, Evaluation]] = {"repeat_last": {}, "seasonal_naive": {}}
-    for uid, frame in prepared.data.frame.groupby("unique_id", sort=False):
-        name = str(uid)
+    seasons: dict[str, int] = {}
+    for name in prepared.splits:
         profiles = prepared.spec.for_series(name).seasonality.profiles
-        season = min((p.period for p in profiles), default=natural[0] if natural else 1)
-        values = frame["y"].to_numpy(np.float64)
+        seasons[name] = min((p.period for p in profiles), default=natural[0] if natural else 1)
+    stage = functools.partial(
+        baseline_scores, splits=prepared.splits, seasons=seasons, horizon=horizon, part=part
+    )
+    frames = split_series(prepared.data.frame)
+    scored = run_per_series(stage, frames, execution=execution, workers=workers)
+    results: dict[str, dict[str, Evaluation]] = {"repeat_last": {}, "seasonal_naive": {}}
+    for frame, evaluations in zip(frames, scored, strict=True):
+        for kind, evaluation in evaluations.items():
+            results[kind][str(frame[ID_COL].iloc[0])] = evaluation
+    return {kind: summary(per_series) for kind, per_series in results.items()}
+
+
+def baseline_scores(
+    frame: pd.DataFrame,
+    *,
+    splits: Mapping[str, Split],
+    seasons: Mapping[str, int],
+    horizon: int,
+    part: Part = "test",
+) -> dict[str, Evaluation]:
+    """One series' repeat-last and seasonal-naive evaluations (a per-series executor stage)."""
+    from forecaster.baselines import baseline
+
+    name = str(frame[ID_COL].iloc[0])
+    values = frame["y"].to_numpy(np.float64)
+    return {
+        kind: evaluate_forecaster(fn, values, splits[name], horizon, part=part)
         for kind, fn in (
             ("repeat_last", baseline("repeat_last", horizon)),
-            ("seasonal_naive", baseline("seasonal_naive", horizon, season=season)),
-        ):
-            results[kind][name] = evaluate_forecaster(
-                fn, values, prepared.splits[name], horizon, part=part
-            )
-    return {kind: summary(per_series) for kind, per_series in results.items()}
+            ("seasonal_naive", baseline("seasonal_naive", horizon, season=seasons[name])),
+        )
+    }
 
 
 def evaluate_bundle(
@@ -561,5 +591,9 @@ def evaluate_bundle(
     if (bundle / CALIBRATION_FILE).is_file():
         calibration = Calibration.load(bundle / CALIBRATION_FILE)
         scores["model"].update(interval_metrics(calibration, results))
-    scores.update(evaluate_baselines(prepared, horizon, part))
+    scores.update(
+        evaluate_baselines(
+            prepared, horizon, part, execution=config.execution, workers=config.workers
+        )
+    )
     return scores

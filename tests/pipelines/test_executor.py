@@ -31,6 +31,7 @@ from pipelines.executor import (
 )
 from pipelines.prepare import PreparedData, prepare
 from pipelines.stationarity import GateDecision, decide, gate
+from pipelines.train import evaluate_baselines
 
 N_SERIES = 200
 LENGTH = 300
@@ -109,6 +110,18 @@ def test_local_ray_is_bit_identical(
     _, prepared = reference
     spec, decision = _run(reference, "ray", chunk_size=25)
     assert _artifacts(spec, decision) == _artifacts(prepared.spec, prepared.decision)
+    # Per-series evaluation on the same Ray: the baselines' scores equal the local ones.
+    assert evaluate_baselines(prepared, 12, execution="ray") == evaluate_baselines(prepared, 12)
+
+
+def test_baselines_per_series_on_a_process_pool_equal_local(
+    reference: tuple[Config, PreparedData],
+) -> None:
+    _, prepared = reference
+    local = evaluate_baselines(prepared, 12)
+    assert set(local) == {"repeat_last", "seasonal_naive"}
+    assert local["repeat_last"]["n_windows"] > 0
+    assert evaluate_baselines(prepared, 12, execution="processes", workers=2) == local
 
 
 def test_remedy_refit_matches_prepare(tmp_path: Path) -> None:
