@@ -8,8 +8,9 @@ changes rather than levels re-baselines after a level shift by itself: h points 
 the new level is the normal one. The median over seasons keeps one odd season from echoing.
 
 Calibration. Each horizon's absolute residuals get conformal p-values against a trailing window
-of that horizon's past residuals (seeded with the fit segment's in-sample residuals, updated online
-after every point), with an exponential tail fitted to the window's largest residuals so that
+of that horizon's past residuals (seeded with the fit segment's out-of-fold residuals, from
+forecasters fitted on the other folds, so that the seed is as wide as the errors to come; updated
+online after every point), with an exponential tail fitted to the window's largest residuals so that
 p-values keep falling past the largest residual seen. One more test, calibrated the same way,
 scores the horizons' agreement (the sum of their surprises, Fisher's statistic).
 
@@ -25,12 +26,20 @@ configured false-alarm rate when the series is exchangeable.
 
 Alarms. The surprise `S = -ln p` of a point is kept only when it is news: for `hold` points after
 an alarm, only a point at least twice as surprising as the alarm counts (one event, one alarm).
+The hold is a refractory period: by default a share (`hold_fraction`) of the fit segment's length,
+so it scales with the stream (the fit segment is NAB's probationary period, known at fit time).
+A near-alarm (surprise >= `hold_level` times the flag level) starts a hold too, in which points
+under the flag level score 0 but flagged points still count: `is_anomaly` is the same as with
+flagged points alone starting holds, and a threshold swept a little below 0.5 (NAB's protocol)
+does not count the points just under the flag line that follow a near-alarm as more events.
 `score = S / (S + S_alpha)` with `S_alpha = -ln(false_alarm_rate)`: in [0, 1), monotone in p,
 never saturated (1 - p rounds to 1 once p < 1e-16), and exactly 0.5 at the flag threshold, so
 `is_anomaly = score >= 0.5`.
 
 Missing values (NaN) score 0, are never flagged and stay out of the distribution-change history;
-inside the forecasts' inputs they are replaced by the one-step forecast of them.
+inside the forecasts' inputs they are replaced by the one-step forecast of them. Gaps in time are
+made missing values by `on_time_grid` (the rows of a regular time grid, `AnomalyResult.take`
+brings the result back to the input's rows), so lags and seasons count time, not rows.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from statistics import NormalDist
 
 import numpy as np
@@ -54,6 +63,7 @@ __all__ = [
     "AnomalyResult",
     "DetectorSettings",
     "detect_season",
+    "on_time_grid",
     "probationary_length",
 ]
 
@@ -65,6 +75,7 @@ _RENEW = 2.0  # how many times the last alarm's surprise a point needs to alarm 
 _MIN_AGREEMENT = 100  # scored points before the horizons' agreement is tested
 _NORMAL = NormalDist()
 _CHANGE_WARMUP = 10  # windows' worth of statistics before the change test counts
+_SEED_FOLDS = 5  # folds of the fit segment whose out-of-fold residuals seed the calibration
 PROBATION_FRACTION = 0.15
 PROBATION_CAP_ROWS = 5000  # NAB caps the probationary period at 15% of 5,000 rows (750)
 
@@ -86,7 +97,12 @@ class DetectorSettings:
         max_season: longest period `detect_season` considers.
         calibration_window: past residuals per horizon that calibrate the p-values.
         tail_fraction: share of the window's largest residuals the exponential tail is fitted on.
-        hold: points after an alarm during which only a point twice as surprising scores.
+        hold: points after an alarm during which only a point twice as surprising scores
+            (used when `hold_fraction` is None).
+        hold_fraction: the hold as a share of the fit segment's length (rounded); None: `hold`.
+        hold_level: share of the flag level's surprise `-ln(false_alarm_rate)` at which a point
+            starts a hold (1: only flagged points do); flagged points pass a near-alarm's hold.
+        max_gap_fill: most missing rows `on_time_grid` puts in one gap of the timestamps.
         change_window: recent points whose ranks in the trailing `calibration_window` values
             the distribution-change test scores (0: no such test).
         ridge: L2 penalty of the forecasters, relative to the feature variance.
@@ -102,6 +118,9 @@ class DetectorSettings:
     ridge: float = 1e-3
     hold: int = 100
     change_window: int = 32
+    hold_fraction: float | None = 0.3
+    hold_level: float = 0.9
+    max_gap_fill: int = 32
 
     @property
     def min_fit_points(self) -> int:
@@ -126,6 +145,12 @@ class DetectorSettings:
             problems.append(f"change_window: {self.change_window} must be 0 or >= 2")
         if self.hold < 0:
             problems.append(f"hold: {self.hold} is not >= 0")
+        if self.hold_fraction is not None and not 0 <= self.hold_fraction <= 10:
+            problems.append(f"hold_fraction: {self.hold_fraction} is not None or in [0, 10]")
+        if not 0 < self.hold_level <= 1:
+            problems.append(f"hold_level: {self.hold_level} is not in (0, 1]")
+        if self.max_gap_fill < 0:
+            problems.append(f"max_gap_fill: {self.max_gap_fill} is not >= 0")
         if self.ridge <= 0:
             problems.append(f"ridge: {self.ridge} is not > 0")
         if problems:
@@ -152,6 +177,48 @@ class AnomalyResult:
     expected: FloatArray
     lower: FloatArray
     upper: FloatArray
+
+    def take(self, rows: npt.ArrayLike) -> AnomalyResult:
+        """The result at `rows` only (e.g. the input's rows of a result on a time grid)."""
+        index = np.asarray(rows, dtype=np.int64)
+        return AnomalyResult(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+def on_time_grid(
+    values: npt.ArrayLike, timestamps: npt.ArrayLike, max_fill: int
+) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+    """`values` placed on a regular time grid, NaN where a step has no value; and each one's row.
+
+    The step is the median time between rows. A gap of k steps becomes k - 1 missing rows (at
+    most `max_fill`: a longer outage is not forecast across step by step), so the forecasts'
+    lags and seasons count time, not rows. Rows stay in their order: rows closer than a step,
+    repeated or going back in time (a clock change) stay consecutive rows.
+
+    Raises:
+        DataError: timestamps that are not datetimes or not one per value.
+    """
+    y = _as_series(values, "values")
+    try:
+        stamps = np.asarray(timestamps, dtype="datetime64[ns]").astype(np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"timestamps: not datetimes ({exc})", field="timestamps") from exc
+    if stamps.shape != y.shape:
+        raise DataError(
+            f"timestamps: {stamps.size} timestamps for {y.size} values", field="timestamps"
+        )
+    if max_fill < 0:
+        raise DataError(f"max_fill: {max_fill} is not >= 0", field="max_fill")
+    steps = np.diff(stamps)
+    rows = np.zeros(len(y), dtype=np.int64)
+    step = float(np.median(steps)) if steps.size else 0.0
+    if step > 0:
+        k = np.clip(np.rint(steps / step), 1, max_fill + 1).astype(np.int64)
+        rows[1:] = np.cumsum(k)
+    else:
+        rows = np.arange(len(y), dtype=np.int64)
+    grid = np.full(int(rows[-1]) + 1 if rows.size else 0, np.nan)
+    grid[rows] = y
+    return grid, rows
 
 
 def _as_series(values: npt.ArrayLike, name: str) -> FloatArray:
@@ -333,6 +400,7 @@ class AnomalyDetector:
         self._resolution = 0.0
         self._horizons: list[_Horizon] = []
         self._change: _Change | None = None
+        self.hold = self.settings.hold
 
     @property
     def is_fitted(self) -> bool:
@@ -365,6 +433,9 @@ class AnomalyDetector:
     def fit(self, values: npt.ArrayLike) -> AnomalyDetector:
         """Fit the forecasters and seed the calibration windows on `values` (a clean start).
 
+        Sets `hold`, the refractory period in points: `hold_fraction` of `len(values)` (the fit
+        segment), or the `hold` setting when `hold_fraction` is None.
+
         Raises:
             DataError: bad values, or fewer known points than the forecasts need.
         """
@@ -388,6 +459,8 @@ class AnomalyDetector:
             spread = float(np.std(known))
         # Residuals below this are rounding, not signal: a noise-free series must not alarm.
         self._resolution = 1e-3 * spread if spread > 0 else 1e-9 * (1.0 + abs(float(known[0])))
+        if settings.hold_fraction is not None:
+            self.hold = round(settings.hold_fraction * len(raw))
         self._horizons = []
         for h in settings.horizons:
             seasonal = self.season > 0 and len(y) >= self._needed(h, True) + 3 * (settings.lags + 2)
@@ -415,8 +488,19 @@ class AnomalyDetector:
                 self._change.update(float(value))
         return self
 
+    def _ridge(self, z: FloatArray, target: FloatArray) -> tuple[float, FloatArray]:
+        """Intercept and weights of the ridge regression of `target` on standardised `z`."""
+        gram = z.T @ z + self.settings.ridge * len(z) * np.eye(z.shape[1])
+        intercept = float(target.mean())
+        return intercept, np.linalg.solve(gram, z.T @ (target - intercept))
+
     def _fit_horizon(self, horizon: _Horizon, y: FloatArray) -> FloatArray:
-        """Ridge fit of the horizon's forecaster on `y`; return its absolute residuals."""
+        """Ridge fit of the horizon's forecaster on `y`; return its out-of-fold |residuals|.
+
+        In-sample residuals are narrower than the errors on new points: each of `_SEED_FOLDS`
+        contiguous folds is forecast by a ridge fitted on the rest, less the `h + lags` rows on
+        either side whose inputs or targets overlap the fold's.
+        """
         x = self._features(y, horizon.h, horizon.seasonal)
         target = y - _shift(y, horizon.h)
         usable = np.isfinite(x).all(axis=1) & np.isfinite(target)
@@ -425,12 +509,18 @@ class AnomalyDetector:
         scale = xs.std(axis=0)
         scale[scale <= 0] = 1.0
         z = (xs - mean) / scale
-        gram = z.T @ z + self.settings.ridge * len(z) * np.eye(z.shape[1])
-        intercept = float(ts.mean())
-        weights = np.linalg.solve(gram, z.T @ (ts - intercept))
+        intercept, weights = self._ridge(z, ts)
         horizon.weights = np.concatenate([[intercept], weights])
         horizon.mean, horizon.scale = mean, scale
-        return np.abs(ts - intercept - z @ weights)
+        residuals = np.abs(ts - intercept - z @ weights)
+        gap = horizon.h + self.settings.lags
+        for fold in np.array_split(np.arange(len(z)), _SEED_FOLDS):
+            train = np.ones(len(z), dtype=bool)
+            train[max(fold[0] - gap, 0) : fold[-1] + 1 + gap] = False
+            if fold.size and train.sum() > 2 * z.shape[1]:
+                b0, b = self._ridge(z[train], ts[train])
+                residuals[fold] = np.abs(ts[fold] - b0 - z[fold] @ b)
+        return residuals
 
     def _forecast(self, horizon: _Horizon, y: FloatArray) -> FloatArray:
         """The h-step forecast of every point of `y` (NaN where the past is too short)."""
@@ -509,7 +599,8 @@ class AnomalyDetector:
             if not missing[t]:
                 log_p[t] = self._log_p_value(t, raw, forecasts)
 
-        reported = _hold(-log_p, self.settings.hold, self._alarm_surprise)
+        alarm = self._alarm_surprise
+        reported = _hold(-log_p, self.hold, alarm, self.settings.hold_level * alarm)
         # S / (S + S_alpha) never saturates (1 - p is 1.0 in floats once p < 1e-16) and is 0.5
         # exactly at the flag threshold.
         score = reported / (reported + self._alarm_surprise) + 0.0  # + 0.0: no -0.0 when p = 1
@@ -552,17 +643,20 @@ def _shift(y: FloatArray, k: int) -> FloatArray:
     return out
 
 
-def _hold(surprise: FloatArray, hold: int, alarm: float) -> FloatArray:
+def _hold(surprise: FloatArray, hold: int, alarm: float, start: float | None = None) -> FloatArray:
     """Zero the surprise of the `hold` points after an alarm unless `_RENEW` x as surprising.
 
-    An alarm is a point whose surprise reaches `alarm`; the points after it (below the alarm level
-    too) are the rest of its event, old news.
+    An alarm is a point whose surprise reaches `start` (the hold level, default `alarm`); the
+    points after it (below the alarm level too) are the rest of its event, old news. A hold
+    started by a near-alarm (below `alarm`) still lets a point at or above `alarm` through.
     """
+    start = alarm if start is None else start
     out = surprise.copy()
     last_alarm, alarm_level = -(hold + 1), 0.0
     for t, s in enumerate(surprise):
-        if t - last_alarm <= hold and s < _RENEW * alarm_level:
+        held = t - last_alarm <= hold and s < _RENEW * alarm_level
+        if held and not (alarm_level < alarm <= s):
             out[t] = 0.0
-        elif s >= alarm:
+        elif s >= start:
             last_alarm, alarm_level = t, float(s)
     return out

@@ -219,10 +219,21 @@ class AnomalyConfig(_Section):
     max_season: int = Field(1000, ge=2)
     calibration_window: int = Field(6000, ge=10, description="past residuals per horizon")
     tail_fraction: float = Field(0.05, gt=0, lt=0.5)
-    hold: int = Field(100, ge=0, description="points after an alarm that need 2x surprise")
+    hold: int = Field(
+        100, ge=0, description="points after an alarm that need 2x surprise (no hold_fraction)"
+    )
     ridge: float = Field(1e-3, gt=0)
     change_window: int = Field(
         32, ge=0, description="recent points the distribution-change test scores; 0: off"
+    )
+    hold_fraction: float | None = Field(
+        0.3, ge=0, le=10, description="hold as a share of the fit segment's rows; None: `hold`"
+    )
+    hold_level: float = Field(
+        0.9, gt=0, le=1, description="share of the flag level's surprise that starts a hold"
+    )
+    max_gap_fill: int = Field(
+        32, ge=0, description="most missing rows put in one timestamp gap (on_time_grid)"
     )
 
 

@@ -2,9 +2,13 @@
 
 Input is NAB's `timestamp,value` or the long format (`unique_id, ds, y`, several series). Per
 series, the detector (`forecaster.anomaly`) is fitted on the probationary period only (NAB's rule:
-the first 15% of the rows, at most 750) and then run online over the whole series; probationary
-rows get score 0. The output is the input, row for row and in its order, plus `anomaly_score`
-and `is_anomaly`, written atomically.
+the first 15% of the rows, at most 750) and then run online over the whole series on the time
+grid of its timestamps (`forecaster.anomaly.on_time_grid`: a missing step is a missing value, so
+lags and seasons count time, not rows); probationary rows get score 0. Repeated timestamps and
+a clock set back (time going back once) are kept as consecutive rows in file order, with a
+warning; a series whose timestamps go back more often than that is sorted by time. The output is
+the input, row for row and in its order, plus `anomaly_score` and `is_anomaly`, written
+atomically.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from forecaster.anomaly import (
     AnomalyDetector,
     AnomalyResult,
     DetectorSettings,
+    on_time_grid,
     probationary_length,
 )
 from forecaster.data import ID_COL, TARGET_COL, TIME_COL, read_long
@@ -32,7 +37,15 @@ from forecaster.files import atomic_writer
 if TYPE_CHECKING:
     from forecaster.config import Config
 
-__all__ = ["SCORE_COL", "FLAG_COL", "DetectReport", "detect_values", "run_detect", "settings_from"]
+__all__ = [
+    "FLAG_COL",
+    "SCORE_COL",
+    "DetectReport",
+    "detect_series",
+    "detect_values",
+    "run_detect",
+    "settings_from",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +108,71 @@ def detect_values(
     return detector.score(y, start=probation), probation
 
 
+def detect_series(
+    values: npt.ArrayLike,
+    timestamps: npt.ArrayLike,
+    settings: DetectorSettings | None = None,
+    *,
+    probation: int | None = None,
+) -> tuple[AnomalyResult, int]:
+    """`detect_values` on the time grid of `timestamps`; the result has one entry per input row.
+
+    The detector is fitted on the grid steps up to the `probation`-th row (those rows' values
+    and the missing steps between them) and scores the whole grid; gaps longer than
+    `settings.max_gap_fill` steps are shortened (a long outage is not forecast step by step).
+
+    Raises:
+        DataError: timestamps that are not datetimes or not one per value; a series too short.
+    """
+    settings = settings or DetectorSettings()
+    y = np.asarray(values, dtype=np.float64)
+    if probation is None:
+        probation = probationary_length(len(y))
+    grid, rows = on_time_grid(y, timestamps, settings.max_gap_fill)
+    fit_steps = int(rows[probation]) if probation < len(rows) else len(grid)
+    result, _ = detect_values(grid, settings, probation=fit_steps)
+    return result.take(rows), probation
+
+
+def _scoring_order(
+    stamps: npt.NDArray[np.datetime64], rows: pd.Index, where: str
+) -> npt.NDArray[np.int64]:
+    """The order to score one series' rows in: file order, or by time when it is unsorted.
+
+    Repeated timestamps and one step back in time (a clock set back) keep file order, with a
+    warning naming the first such row; more steps back mean an unsorted series: stable sort.
+    """
+    steps = np.diff(stamps)
+    repeated = np.flatnonzero(steps == np.timedelta64(0))
+    back = np.flatnonzero(steps < np.timedelta64(0))
+    if back.size > 1:
+        logger.warning(
+            "%s: timestamps go back in time %d times (first at row %d): sorted by time",
+            where,
+            back.size,
+            rows[back[0] + 1],
+        )
+        return np.argsort(stamps, kind="stable")
+    if repeated.size:
+        logger.warning(
+            "%s: %d repeated timestamps (first at row %d, %s) scored as consecutive rows",
+            where,
+            repeated.size,
+            rows[repeated[0] + 1],
+            stamps[repeated[0]],
+        )
+    if back.size:
+        logger.warning(
+            "%s: time goes back at row %d (%s after %s; a clock set back?): rows scored in "
+            "file order",
+            where,
+            rows[back[0] + 1],
+            stamps[back[0] + 1],
+            stamps[back[0]],
+        )
+    return np.arange(len(stamps), dtype=np.int64)
+
+
 def _read(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The input as read (kept for the output) and its long view `unique_id, ds, y`."""
     try:
@@ -126,8 +204,8 @@ def run_detect(input_path: Path, output_path: Path, config: Config | None = None
     """Score every row of `input_path` and write it with `anomaly_score` and `is_anomaly`.
 
     Raises:
-        DataError: unreadable file, unparsable timestamp or value, duplicated timestamp, a series
-            too short for its probationary period.
+        DataError: unreadable file, unparsable timestamp or value, a series too short for its
+            probationary period.
     """
     started = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
@@ -139,20 +217,14 @@ def run_detect(input_path: Path, output_path: Path, config: Config | None = None
     probations: dict[str, int] = {}
     for uid, positions in long.groupby(ID_COL, sort=False).indices.items():
         series = long.iloc[positions]
-        order = np.argsort(series[TIME_COL].to_numpy(), kind="stable")
+        order = _scoring_order(
+            series[TIME_COL].to_numpy(), series.index, f"{input_path}: series '{uid}'"
+        )
         stamps = series[TIME_COL].to_numpy()[order]
-        duplicated = np.flatnonzero(stamps[1:] == stamps[:-1])
-        if duplicated.size:
-            row = int(series.index[order[duplicated[0] + 1]])
-            raise DataError(
-                f"{input_path}: series '{uid}', row {row}: timestamp {stamps[duplicated[0]]} "
-                "is duplicated",
-                field=TIME_COL,
-            )
         values = series[TARGET_COL].to_numpy(dtype=np.float64)[order]
         probation = probationary_length(len(values), *(() if fraction is None else (fraction,)))
         try:
-            result, probation = detect_values(values, settings, probation=probation)
+            result, probation = detect_series(values, stamps, settings, probation=probation)
         except DataError as exc:
             raise DataError(
                 f"{input_path}: series '{uid}' ({len(values)} rows): {exc.message}",

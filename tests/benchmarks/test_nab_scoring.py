@@ -177,3 +177,15 @@ def test_corpus_files_have_windows_on_their_rows() -> None:
     assert len(corpus) == 25
     assert sum(len(f.scored_windows) for _, f in corpus) == 39
     assert math.isclose(nab.normalised(-39.0 + 1.0 + 1.0, -39.0, 39.0), 100 * 2 / 78, rel_tol=1e-12)
+
+
+def test_detect_file_scores_every_row_on_rows_and_on_the_time_grid() -> None:
+    path = nab.NAB_DIR / "realTraffic" / "speed_7578.csv"  # 1,127 rows with gaps in time
+    if not path.is_file():
+        pytest.skip(f"NAB data not found at {path}")
+    probation = nab.probationary_length(1127)
+    for on_grid in (False, True):
+        result = nab.detect_file(path, probation, on_grid)
+        assert result.score.shape == (1127,)
+        assert (result.score[:probation] == 0).all()
+        assert np.isfinite(result.score).all()

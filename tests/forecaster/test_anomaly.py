@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from forecaster.anomaly import (
     AnomalyDetector,
     DetectorSettings,
+    _hold,
     detect_season,
+    on_time_grid,
     probationary_length,
 )
 from forecaster.data import generate_plant
@@ -62,7 +64,7 @@ def test_false_alarm_rate_on_noise_is_at_most_the_configured_one() -> None:
     rng = np.random.default_rng(3)
     y = rng.normal(0.0, 1.0, 6000)
     rate = 0.01
-    result = _fitted(y, 500, false_alarm_rate=rate, hold=0).score(y, start=500)
+    result = _fitted(y, 500, false_alarm_rate=rate, hold=0, hold_fraction=None).score(y, start=500)
     assert result.is_anomaly[500:].mean() <= 1.5 * rate
 
 
@@ -158,6 +160,10 @@ def test_bad_settings_name_the_field() -> None:
         DetectorSettings(ridge=0)
     with pytest.raises(ModelError, match="change_window: 1 must be 0 or >= 2"):
         DetectorSettings(change_window=1)
+    with pytest.raises(ModelError, match="hold_fraction: -0.1 is not None or in"):
+        DetectorSettings(hold_fraction=-0.1)
+    with pytest.raises(ModelError, match="hold_level: 0 is not in"):
+        DetectorSettings(hold_level=0)
 
 
 def test_infinite_values_name_the_row() -> None:
@@ -187,7 +193,7 @@ def test_false_alarm_rate_holds_after_a_short_fit_segment() -> None:
     flagged, scored = 0, 0
     for seed in range(10):
         y = np.random.default_rng(seed).normal(0.0, 1.0, 1200)
-        result = _fitted(y, 150, hold=0).score(y, start=150)
+        result = _fitted(y, 150, hold=0, hold_fraction=None).score(y, start=150)
         flagged += int(result.is_anomaly.sum())
         scored += len(y) - 150
     assert flagged / scored <= 2 * DetectorSettings().false_alarm_rate
@@ -259,16 +265,64 @@ def test_run_detect_scores_long_format_per_series_in_input_order(tmp_path: Path)
     assert bool(out.loc[spike, FLAG_COL].iloc[0])
 
 
-def test_run_detect_names_a_duplicated_timestamp(tmp_path: Path) -> None:
-    frame = pd.DataFrame(
-        {"timestamp": pd.date_range("2024-01-01", periods=300, freq="h"), "value": _seasonal(300)}
-    )
-    frame.loc[200, "timestamp"] = frame.loc[199, "timestamp"]
-    source = tmp_path / "dup.csv"
+def _scores(tmp_path: Path, frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    source = tmp_path / f"{name}.csv"
     frame.to_csv(source, index=False)
-    with pytest.raises(DataError, match="row 200: timestamp .* is duplicated"):
-        run_detect(source, tmp_path / "out.csv", None)
-    assert not (tmp_path / "out.csv").exists()
+    run_detect(source, tmp_path / f"{name}_out.csv", None)
+    return pd.read_csv(tmp_path / f"{name}_out.csv")
+
+
+def test_run_detect_keeps_repeated_and_set_back_timestamps_in_file_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    y = _seasonal(1201, seed=4)
+    y[900] += 5.0
+    clean = pd.date_range("2024-01-01", periods=1200, freq="5min")
+    stamps = clean.insert(300, clean[299])  # row 300 repeats row 299's timestamp
+    stamps = stamps.where(np.arange(1201) < 600, stamps - pd.Timedelta("1h"))  # clock set back
+    with caplog.at_level("WARNING", logger="pipelines.detect"):
+        scored = _scores(tmp_path, pd.DataFrame({"timestamp": stamps, "value": y}), "odd")
+    assert "1 repeated timestamps (first at row 300" in caplog.text
+    assert "time goes back at row 600" in caplog.text
+    # Rows stay in file order, one step each: the same scores as with a clean clock.
+    regular = pd.DataFrame(
+        {"timestamp": pd.date_range("2024-01-01", periods=1201, freq="5min"), "value": y}
+    )
+    reference = _scores(tmp_path, regular, "regular")
+    np.testing.assert_allclose(scored[SCORE_COL], reference[SCORE_COL], atol=1e-12)
+    assert bool(scored.loc[900, FLAG_COL])
+
+
+def test_run_detect_sorts_an_unsorted_series_by_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    y = _seasonal(900, seed=5)
+    y[700] -= 5.0
+    frame = pd.DataFrame(
+        {"timestamp": pd.date_range("2024-01-01", periods=900, freq="h"), "value": y}
+    )
+    shuffled = frame.sample(frac=1.0, random_state=1)
+    with caplog.at_level("WARNING", logger="pipelines.detect"):
+        scored = _scores(tmp_path, shuffled, "shuffled")
+    assert "sorted by time" in caplog.text
+    reference = _scores(tmp_path, frame, "sorted").set_index("timestamp")
+    by_time = scored.set_index("timestamp").loc[reference.index]
+    np.testing.assert_allclose(by_time[SCORE_COL], reference[SCORE_COL], atol=1e-12)
+    assert bool(reference[FLAG_COL].iloc[700])
+
+
+def test_run_detect_scores_on_the_time_grid(tmp_path: Path) -> None:
+    """Six missing hours are six missing values to the detector, not a jump between rows."""
+    stamps = pd.date_range("2024-01-01", periods=24 * 60, freq="h")
+    y = _seasonal(len(stamps), seed=6)
+    y[1200] += 5.0
+    keep = np.ones(len(stamps), dtype=bool)
+    keep[1000:1006] = False  # an outage
+    scored = _scores(tmp_path, pd.DataFrame({"timestamp": stamps[keep], "value": y[keep]}), "gap")
+    on_grid = np.where(keep, y, np.nan)
+    expected, _ = detect_values(on_grid, probation=probationary_length(int(keep.sum())))
+    np.testing.assert_allclose(scored[SCORE_COL], expected.score[keep], atol=1e-12)
+    assert bool(scored[FLAG_COL].iloc[1200 - 6])
 
 
 def test_run_detect_names_a_value_that_is_not_a_number(tmp_path: Path) -> None:
@@ -301,6 +355,80 @@ def test_a_burst_raises_one_alarm() -> None:
     assert result.is_anomaly[1001:1060].sum() == 0
 
 
+def test_the_hold_is_a_share_of_the_fit_segment() -> None:
+    y = _seasonal(1500, seed=13)
+    assert _fitted(y, 300, hold_fraction=0.3).hold == 90
+    assert _fitted(y, 1000, hold_fraction=0.3).hold == 300
+    assert _fitted(y, 300, hold_fraction=None, hold=40).hold == 40
+
+
+def test_refractory_period_mutes_a_like_outlier_inside_it_only() -> None:
+    # The same outlier again inside the hold is the same event; after the hold it is news.
+    settings = {"hold_fraction": 0.2}
+    y = _seasonal(2000, seed=14)
+    hold = _fitted(y, 500, **settings).hold
+    assert hold == 100
+    y[1000] += 5.0
+    y[1000 + hold - 20] += 5.0
+    y[1000 + hold + 20] += 5.0
+    result = _fitted(y, 500, **settings).score(y, start=500)
+    assert result.is_anomaly[1000]
+    assert not result.is_anomaly[1001 : 1001 + hold].any()
+    assert result.is_anomaly[1000 + hold + 20]
+
+
+def test_a_near_alarm_starts_a_hold_that_flagged_points_pass() -> None:
+    level = -np.log(DetectorSettings().false_alarm_rate)
+    surprise = np.zeros(80)
+    surprise[10] = 0.95 * level  # not flagged, but close: a near-alarm
+    surprise[20] = 0.93 * level  # just under the flag line again: the same event
+    surprise[30] = 1.2 * level  # flagged: counts even in the near-alarm's hold
+    surprise[40] = 1.5 * level  # flagged, in the hold of the flagged point at 30
+    near = _hold(surprise, 50, level, 0.9 * level)
+    flagged_only = _hold(surprise, 50, level)
+    assert near[20] == 0
+    assert flagged_only[20] == surprise[20]
+    assert near[10] == flagged_only[10] == surprise[10]
+    assert near[30] == flagged_only[30] == surprise[30]
+    assert near[40] == flagged_only[40] == 0
+
+
+def test_on_time_grid_puts_gaps_as_missing_rows() -> None:
+    start = pd.Timestamp("2024-01-01")
+    minutes = [0, 5, 10, 25, 30, 30, 20, 1000, 1005]  # a gap, a repeat, a step back, an outage
+    stamps = [start + pd.Timedelta(minutes=m) for m in minutes]
+    grid, rows = on_time_grid(np.arange(9.0), stamps, max_fill=4)
+    np.testing.assert_array_equal(rows, [0, 1, 2, 5, 6, 7, 8, 13, 14])
+    assert len(grid) == 15
+    np.testing.assert_array_equal(grid[rows], np.arange(9.0))
+    assert np.isnan(np.delete(grid, rows)).all()
+
+
+def test_on_time_grid_names_bad_timestamps() -> None:
+    stamps = pd.date_range("2024-01-01", periods=5, freq="h")
+    with pytest.raises(DataError, match="4 timestamps for 5 values"):
+        on_time_grid(np.zeros(5), stamps[:4], max_fill=3)
+    with pytest.raises(DataError, match="timestamps: not datetimes"):
+        on_time_grid(np.zeros(5), ["a", "b", "c", "d", "e"], max_fill=3)
+
+
+def test_a_gap_in_the_timestamps_is_not_an_anomaly_on_the_time_grid() -> None:
+    # Ten hours missing shift the daily phase: on the rows the gap looks like a jump; on the
+    # time grid the forecasts count time and the rows after the gap are normal.
+    y = _seasonal(1500, seed=15)
+    keep = np.ones(1500, dtype=bool)
+    keep[1000:1010] = False
+    stamps = pd.date_range("2024-01-01", periods=1500, freq="h")[keep]
+    values = y[keep]
+    on_rows = _fitted(values, 300).score(values, start=300)
+    grid, rows = on_time_grid(values, stamps, max_fill=32)
+    result = _fitted(grid, 300).score(grid, start=300).take(rows)
+    assert on_rows.is_anomaly[998:1003].any()
+    assert not result.is_anomaly[990:1100].any()
+    assert result.score.shape == result.p_value.shape == values.shape
+    np.testing.assert_array_equal(result.is_anomaly, result.score >= 0.5)
+
+
 def test_settings_default_without_a_config_section() -> None:
     from forecaster.config import Config
     from pipelines.detect import settings_from
@@ -319,3 +447,13 @@ def test_run_detect_names_an_unparsable_timestamp(tmp_path: Path) -> None:
     frame.to_csv(source, index=False)
     with pytest.raises(DataError, match="row 120: timestamp 'not a time' cannot be parsed"):
         run_detect(source, tmp_path / "out.csv", None)
+
+
+def test_the_hold_level_changes_scores_below_the_flag_line_only() -> None:
+    y = _seasonal(3000, seed=16)
+    y[[900, 905, 1500, 2200]] += [3.0, 4.0, 2.5, 6.0]
+    near = _fitted(y, 400, hold_level=0.8).score(y, start=400)
+    flagged_only = _fitted(y, 400, hold_level=1.0).score(y, start=400)
+    np.testing.assert_array_equal(near.is_anomaly, flagged_only.is_anomaly)
+    np.testing.assert_array_equal(near.p_value, flagged_only.p_value)
+    assert (near.score <= flagged_only.score).all()
