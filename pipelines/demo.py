@@ -7,7 +7,8 @@ run in the embedded MLflow store and register both under the `champion` / `fallb
 score them and the baselines on every test window, forecast every series through ONNX
 Runtime with the preprocessing inverted, score every point for anomalies with the causal detector
 (checked against the generator's labels), and answer one forecast over HTTP from a real
-`bentoml serve` of the two bundles. Progress goes to a `report` callback; the CLI renders it.
+`bentoml serve` of the two bundles, plus one anomaly request checked against the in-process
+detector. Progress goes to a `report` callback; the CLI renders it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -137,13 +139,21 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
     report("[6/7] anomaly scores, causal (fitted on each series' first 15%, then online)")
     _detect_all(prepared, config, report)
 
-    report("[7/7] serving: bentoml serve of the two bundles on 127.0.0.1, one POST /forecast")
+    report(
+        "[7/7] serving: bentoml serve of the two bundles on 127.0.0.1, "
+        "one POST /forecast and one POST /anomaly"
+    )
     fallback = outcomes["bptt"].bundle
     served = _serve_once(prepared, champion, fallback, out_dir / "bentoml")
     diff = float(np.max(np.abs(served["point"] - forecasts[0].forecast)))
     report(
         f"      {forecasts[0].unique_id}: answered by {served['model']} in {served['ms']:.0f} ms; "
         f"max |served - in-process| = {diff:.2e}"
+    )
+    report(
+        f"      {forecasts[0].unique_id}: /anomaly flagged {served['flagged']} points in "
+        f"{served['anomaly_ms']:.0f} ms; same flags as in process: {served['flags_match']}, "
+        f"max |score difference| = {served['score_diff']:.2e}"
     )
     report(f"compare runs and versions: mlflow ui --backend-store-uri {tracking.uri}")
     return DemoResult(
@@ -182,7 +192,12 @@ def _detect_all(prepared: PreparedData, config: Config, report: Report) -> None:
 def _serve_once(
     prepared: PreparedData, champion: Path, fallback: Path, home: Path
 ) -> dict[str, object]:
-    """Start the service on a free port, POST one forecast for the first series, stop it."""
+    """Start the service on a free port, POST one forecast and one anomaly request, stop it.
+
+    The anomaly answer is compared with the in-process detector on the same points (fitted on
+    the same leading 15%).
+    """
+    from forecaster.anomaly import AnomalyDetector, probationary_length
     from serving.launch import server_command
     from serving.settings import ServingSettings
 
@@ -218,26 +233,39 @@ def _serve_once(
         values = frame["y"].to_numpy()  # the whole history, as a client of a known series would
         start = np.datetime_as_string(frame["ds"].to_numpy()[0], unit="s")
         body = {"series": [{"unique_id": str(uid), "start": start, "values": values.tolist()}]}
-        request = urllib.request.Request(
-            f"{base}/forecast",
-            data=json.dumps(body).encode(),
-            headers={"content-type": "application/json"},
-        )
-        started = time.perf_counter()
-        with urllib.request.urlopen(request, timeout=30) as response:
-            answer = json.loads(response.read())
-        elapsed_ms = 1000 * (time.perf_counter() - started)
+        answer, elapsed_ms = _post(f"{base}/forecast", body)
+        fit = probationary_length(len(values))
+        anomaly_body = {"series": [{"unique_id": str(uid), "values": values.tolist()}]}
+        anomalies, anomaly_ms = _post(f"{base}/anomaly", {**anomaly_body, "fit_size": fit})
     finally:
         process.terminate()
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+    expected = AnomalyDetector().fit(values[:fit]).score(values, start=fit)
+    served = anomalies["series"][0]
+    flags = np.asarray(served["is_anomaly"], dtype=bool)
     return {
         "model": answer["model"],
         "ms": elapsed_ms,
         "point": np.asarray(answer["forecasts"][0]["point"], dtype=np.float64),
+        "anomaly_ms": anomaly_ms,
+        "flagged": int(flags.sum()),
+        "flags_match": bool(np.array_equal(flags, expected.is_anomaly[fit:])),
+        "score_diff": float(np.max(np.abs(np.asarray(served["score"]) - expected.score[fit:]))),
     }
+
+
+def _post(url: str, body: dict[str, object]) -> tuple[dict[str, Any], float]:
+    """POST JSON, return the decoded answer and the round trip in milliseconds."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.loads(response.read())
+    return answer, 1000 * (time.perf_counter() - started)
 
 
 def _forecast_all(
