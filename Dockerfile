@@ -9,6 +9,8 @@ FROM python:3.11-slim
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
+# Optional extras, e.g. --build-arg EXTRAS="[ray]" for the image of a Ray/KubeRay cluster.
+ARG EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -32,7 +34,7 @@ COPY pyproject.toml README.md ./
 COPY forecaster ./forecaster
 COPY pipelines ./pipelines
 COPY serving ./serving
-RUN pip install . \
+RUN pip install ".${EXTRAS}" \
     && pip uninstall -y onnxruntime-gpu \
     && pip install "onnxruntime>=1.31"
 COPY configs ./configs

@@ -32,6 +32,7 @@ from mlflow_server import Server
 from typer.testing import CliRunner
 
 from forecaster.cli import app
+from forecaster.config import load_config
 from forecaster.errors import ConfigError, DataError, ExportError, TrackingError
 from pipelines.retrain import (
     LOCK_FILE,
@@ -197,10 +198,13 @@ def _deploy_commands() -> dict[str, list[str]]:
     exec_start = [line.split("=", 1)[1] for line in service if line.startswith("ExecStart=")]
     assert len(exec_start) == 1
     container = _cronjob()["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    rayjob = yaml.safe_load((deploy / "kuberay-rayjob.yaml").read_text())
+    assert rayjob["kind"] == "RayJob"
     return {
         "crontab": cron_argv[:redirect],
         "systemd": shlex.split(exec_start[0]),
         "k8s": [*container["command"], *container.get("args", [])],
+        "kuberay": shlex.split(rayjob["spec"]["entrypoint"]),
     }
 
 
@@ -220,7 +224,7 @@ def test_k8s_cronjob_forbids_overlap_and_keeps_state_on_a_volume() -> None:
     assert any(output_dir.startswith(mounted[name]) for name in claims)
 
 
-@pytest.mark.parametrize("scheduler", ["crontab", "systemd", "k8s"])
+@pytest.mark.parametrize("scheduler", ["crontab", "systemd", "k8s", "kuberay"])
 def test_scheduler_examples_run_a_real_retrain_of_a_repo_config(scheduler: str) -> None:
     argv = _deploy_commands()[scheduler]
     start = next(i for i, a in enumerate(argv) if Path(a).name == "forecaster")
@@ -236,6 +240,9 @@ def test_scheduler_examples_run_a_real_retrain_of_a_repo_config(scheduler: str) 
     context = command.make_context("retrain", options)
     assert context.params["config"] == in_repo
     assert parse_duration(context.params["budget"]) > 0
+    config = load_config(in_repo, context.params["overrides"] or [])  # the overrides are valid
+    if scheduler == "kuberay":  # the per-series stages go to the Ray cluster
+        assert config.execution == "ray"
 
 
 # --------------------------------------------------------------------------- the real job
