@@ -31,6 +31,7 @@ Run (CPU subset): python benchmarks/ett.py --datasets ETTh1 --horizons 96 --mode
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -181,6 +182,7 @@ def run_key(run: dict[str, Any]) -> tuple[Any, ...]:
         run["model"],
         run["requested_method"],
         run["seed"],
+        run.get("lookback"),
         run["settings_key"],
     )
 
@@ -194,10 +196,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for run in runs:
-        key = (run["dataset"], run["horizon"], run["model"], run["requested_method"])
+        key = (
+            run["dataset"],
+            run["horizon"],
+            run["model"],
+            run["requested_method"],
+            run.get("lookback") or 0,  # 0: the settings' single look-back
+        )
         groups.setdefault(key, []).append(run)
     rows = []
-    for (dataset, horizon, model, method), members in sorted(groups.items()):
+    for (dataset, horizon, model, method, lookback), members in sorted(groups.items()):
         test_mse = [r["test"]["mse"] for r in members]
         test_mae = [r["test"]["mae"] for r in members]
         val_mse = [r["val"]["mse"] for r in members]
@@ -207,6 +215,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "horizon": horizon,
                 "model": model,
                 "method": method,
+                "lookback": lookback or None,
                 "methods_used": sorted({r["method_used"] for r in members}),
                 "seeds": sorted(r["seed"] for r in members),
                 "test_mse_mean": mean_std(test_mse)[0],
@@ -224,15 +233,18 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def targets(rows: list[dict[str, Any]], baselines: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"feedback_within_3pct_of_bptt": {}}
-    index = {(r["dataset"], r["horizon"], r["model"], r["method"]): r for r in rows}
-    for (dataset, horizon, model, method), row in index.items():
+    index = {
+        (r["dataset"], r["horizon"], r["model"], r["method"], r.get("lookback")): r for r in rows
+    }
+    for (dataset, horizon, model, method, lookback), row in index.items():
         if method != "feedback":
             continue
-        bptt = index.get((dataset, horizon, model, "bptt"))
+        bptt = index.get((dataset, horizon, model, "bptt", lookback))
         if bptt is None:
             continue
         ratio = row["test_mse_mean"] / bptt["test_mse_mean"]
-        out["feedback_within_3pct_of_bptt"][f"{dataset}/H{horizon}/{model}"] = {
+        at = f"/L{lookback}" if lookback else ""
+        out["feedback_within_3pct_of_bptt"][f"{dataset}/H{horizon}/{model}{at}"] = {
             "feedback": round(row["test_mse_mean"], 5),
             "bptt": round(bptt["test_mse_mean"], 5),
             "ratio": round(ratio, 4),
@@ -244,9 +256,9 @@ def targets(rows: list[dict[str, Any]], baselines: dict[str, Any]) -> dict[str, 
         chosen = min(h1, key=lambda r: r["val_mse_mean"])
         out["ETTh1_H96_best_le_0.053"] = {
             "best_test_mean": round(best["test_mse_mean"], 5),
-            "best": f"{best['model']}/{best['method']}",
+            "best": _label(best),
             "met": best["test_mse_mean"] <= 0.053,
-            "selected_on_val": f"{chosen['model']}/{chosen['method']}",
+            "selected_on_val": _label(chosen),
             "selected_test_mean": round(chosen["test_mse_mean"], 5),
             "selected_met": chosen["test_mse_mean"] <= 0.053,
         }
@@ -254,6 +266,11 @@ def targets(rows: list[dict[str, Any]], baselines: dict[str, Any]) -> dict[str, 
         if rl:
             out["ETTh1_H96_repeat_last"] = round(rl["mse"], 5)
     return out
+
+
+def _label(row: dict[str, Any]) -> str:
+    at = f" L={row['lookback']}" if row.get("lookback") else ""
+    return f"{row['model']}/{row['method']}{at}"
 
 
 def fmt(mean: float, std: float) -> str:
@@ -266,7 +283,13 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# ETT univariate (OT): test MSE / MAE on the standard protocol",
         "",
-        f"**Reduced CPU settings**: look-back {s['lookback']}, hidden {s['hidden']}, "
+        f"**Reduced CPU settings**: look-back {s['lookback']}"
+        + (
+            " (each row's L; the selection on validation MSE picks among them)"
+            if isinstance(s["lookback"], list)
+            else ""
+        )
+        + f", hidden {s['hidden']}, "
         f"batch {s['batch_size']}, lr {s['lr']}, at most {s['epochs']} epochs of "
         f"{s['max_windows'] or 'all'} training windows each (random subsample per epoch), "
         f"early stopping on validation loss with patience {s['patience']}; "
@@ -274,8 +297,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "z-scored on train). Mean ± std over seeds. Wall time of all runs (train + export + "
         f"evaluation): {payload.get('total_run_seconds_all_invocations', 0):.0f} s.",
         "",
-        "| dataset | H | model | method | seeds | test MSE | test MAE | val MSE | epochs | s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | H | model | method | L | seeds | test MSE | test MAE | val MSE | epochs "
+        "| s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         used = (
@@ -283,7 +307,8 @@ def markdown(payload: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {r['dataset']} | {r['horizon']} | {r['model']} | {r['method']}{used} | "
-            f"{len(r['seeds'])} | {fmt(r['test_mse_mean'], r['test_mse_std'])} | "
+            f"{r.get('lookback') or s['lookback']} | {len(r['seeds'])} | "
+            f"{fmt(r['test_mse_mean'], r['test_mse_std'])} | "
             f"{fmt(r['test_mae_mean'], r['test_mae_std'])} | "
             f"{fmt(r['val_mse_mean'], r['val_mse_std'])} | {r['epochs_mean']:.1f} | "
             f"{r['seconds_mean']:.0f} |"
@@ -302,11 +327,7 @@ def markdown(payload: dict[str, Any]) -> str:
         b = baselines[key]
         group = [r for r in rows if r["dataset"] == dataset and r["horizon"] == horizon]
         chosen = min(group, key=lambda r: r["val_mse_mean"]) if group else None
-        sel = (
-            f"{chosen['test_mse_mean']:.4f} ({chosen['model']}/{chosen['method']})"
-            if chosen
-            else "–"
-        )
+        sel = f"{chosen['test_mse_mean']:.4f} ({_label(chosen)})" if chosen else "–"
         pub = [PUBLISHED[m].get(dataset, {}).get(horizon) for m in PUBLISHED]
         lines.append(
             f"| {dataset} | {horizon} | {b['repeat_last']['mse']:.4f} | "
@@ -338,7 +359,7 @@ RUN_OPTIONS = (
     "threads",
     "data_dir",
 )
-_PREPARED: dict[tuple[str, int], Any] = {}
+_PREPARED: dict[tuple[str, int, int], Any] = {}
 
 
 def run_task(task: dict[str, Any], options: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -350,13 +371,20 @@ def run_task(task: dict[str, Any], options: dict[str, Any], work: Path) -> dict[
     warnings.filterwarnings("ignore")
     dataset, horizon, model = task["dataset"], task["horizon"], task["model"]
     method, seed = task["requested_method"], task["seed"]
-    out_dir = work / f"{dataset}_{horizon}_{model}_{method}_{seed}"
-    config = build_config(options, dataset, horizon, model, method, seed, out_dir)
-    if (dataset, horizon) not in _PREPARED:  # one prepare per (dataset, H) per process
-        _PREPARED[(dataset, horizon)] = prepare(config)
+    lookback = task.get("lookback") or options["lookback"]
+    out_dir = work / f"{dataset}_{horizon}_{model}_{method}_{seed}_L{lookback}"
+    config = build_config(
+        {**options, "lookback": lookback}, dataset, horizon, model, method, seed, out_dir
+    )
+    if (dataset, horizon, lookback) not in _PREPARED:  # one prepare per (dataset, H, L)
+        _PREPARED[(dataset, horizon, lookback)] = prepare(config)
     t0 = time.perf_counter()
     outcome = run_training(
-        config, method=method, out_dir=out_dir, resume=False, prepared=_PREPARED[(dataset, horizon)]
+        config,
+        method=method,
+        out_dir=out_dir,
+        resume=False,
+        prepared=_PREPARED[(dataset, horizon, lookback)],
     )
     seconds = time.perf_counter() - t0
     history = outcome.history
@@ -389,7 +417,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--max-windows", type=int, default=None, help="train windows per epoch")
-    parser.add_argument("--lookback", type=int, default=336)
+    parser.add_argument(
+        "--lookback",
+        nargs="+",
+        type=int,
+        default=[336],
+        help="look-back(s); with several, each is a row and the selection on validation MSE "
+        "picks among them",
+    )
+    parser.add_argument("--name", default=NAME, help="results file name (benchmarks/results/)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -406,8 +442,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
+    lookbacks: list[int] = args.lookback
     settings = {
-        "lookback": args.lookback,
+        "lookback": lookbacks[0] if len(lookbacks) == 1 else lookbacks,
         "hidden": args.hidden,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -419,7 +456,7 @@ def main() -> None:
     settings_key = json.dumps(settings, sort_keys=True)
     runs: list[dict[str, Any]] = []
     baselines: dict[str, Any] = {}
-    json_path = RESULTS_DIR / f"{NAME}.json"
+    json_path = RESULTS_DIR / f"{args.name}.json"
     if args.append and json_path.exists():
         old = json.loads(json_path.read_text())
         runs = [r for r in old.get("runs", []) if r["settings_key"] == settings_key]
@@ -450,33 +487,38 @@ def main() -> None:
             "targets": targets(rows, baselines),
             "runs": runs,
         }
-        write_results(NAME, payload, markdown(payload))
+        write_results(args.name, payload, markdown(payload))
 
     tasks: list[dict[str, Any]] = []
     for dataset in args.datasets:
         for horizon in args.horizons:
             for seed in args.seeds:  # seeds outermost: a partial run has all methods per seed
-                for model in args.models:
-                    for method in args.methods:
-                        if method == "feedback" and model not in FEEDBACK_MODELS:
-                            continue
-                        key_run = {
-                            "dataset": dataset,
-                            "horizon": horizon,
-                            "model": model,
-                            "requested_method": method,
-                            "seed": seed,
-                            "settings_key": settings_key,
-                        }
-                        if run_key(key_run) not in done:
-                            tasks.append(key_run)
+                for model, method, lookback in itertools.product(
+                    args.models, args.methods, lookbacks
+                ):
+                    if method == "feedback" and model not in FEEDBACK_MODELS:
+                        continue
+                    key_run = {
+                        "dataset": dataset,
+                        "horizon": horizon,
+                        "model": model,
+                        "requested_method": method,
+                        "seed": seed,
+                        # one look-back: the settings' (rows stay comparable with older runs)
+                        "lookback": lookback if len(lookbacks) > 1 else None,
+                        "settings_key": settings_key,
+                    }
+                    if run_key(key_run) not in done:
+                        tasks.append(key_run)
     options = {k: getattr(args, k) for k in RUN_OPTIONS}
+    options["lookback"] = lookbacks[0]
 
     def record(run: dict[str, Any]) -> None:
         runs.append(run)
         done.add(run_key(run))
         print(
-            f"{run['dataset']} H={run['horizon']} {run['model']}/{run['requested_method']} "
+            f"{run['dataset']} H={run['horizon']} L={run.get('lookback') or lookbacks[0]} "
+            f"{run['model']}/{run['requested_method']} "
             f"seed {run['seed']}: test MSE {run['test']['mse']:.4f} MAE {run['test']['mae']:.4f} "
             f"val {run['val']['mse']:.4f} ({run['seconds']:.0f}s, {run['epochs_run']} ep, used "
             f"{run['method_used']})",

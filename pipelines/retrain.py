@@ -10,8 +10,8 @@ systemd or a Kubernetes CronJob:
 - one retrain per output folder: `<output_dir>/retrain.lock`, created with O_CREAT|O_EXCL and
   holding `{pid, host, started_at, config}`; a lock whose PID is gone (same host) or older than
   the max age (another host) is replaced with a warning, a live one ends the job with `LockHeld`;
-- a time budget checked between stages and after every training epoch; running out raises
-  `BudgetExceeded` before any alias moves;
+- a time budget checked between stages and after every optimiser step of training; running out
+  raises `BudgetExceeded` before any alias moves;
 - idempotent: a re-run whose data fingerprint and config hash equal those of the last completed
   retrain, with the aliases still where it left them, stops early as "up to date" (`force`
   retrains anyway); SIGKILL at any point leaves the aliases on complete, verified versions.
@@ -186,10 +186,13 @@ class Deadline:
 
 @dataclass(frozen=True)
 class _DeadlineCallback:
-    """A `TrainCallback` that stops training after the epoch that spent the budget."""
+    """A `TrainCallback` that stops training at the first optimiser step past the budget."""
 
     deadline: Deadline
     stage: str
+
+    def on_step_end(self, step: int, model: Any) -> None:
+        self.deadline.check(f"during {self.stage} at optimiser step {step}")
 
     def on_epoch_end(self, record: Any, history: Any) -> None:
         self.deadline.check(f"during {self.stage} after epoch {record.epoch}")

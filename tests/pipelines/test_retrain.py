@@ -42,6 +42,7 @@ from pipelines.retrain import (
     ExitCode,
     LockHeld,
     LockInfo,
+    _DeadlineCallback,
     exit_code,
     parse_duration,
     retrain_lock,
@@ -106,6 +107,25 @@ def test_deadline_names_where_the_budget_ran_out() -> None:
     Deadline(60.0).check("before log")
     with pytest.raises(BudgetExceeded, match=r"time budget 1 s exceeded before log \(5 s"):
         Deadline(1.0, started=time.monotonic() - 5).check("before log")
+
+
+def test_budget_stops_training_at_the_first_step_past_it() -> None:
+    """Mid-epoch: the trainer's step event checks the budget, not only the epoch end."""
+    import numpy as np
+
+    from forecaster.config import TrainConfig
+    from forecaster.models.registry import build
+    from forecaster.training.trainer import train
+    from forecaster.training.windows import ForkingWindows
+
+    series = [np.sin(np.arange(400) / 4.0)]
+    train_w = ForkingWindows(series, lookback=16, horizon=4, rows=slice(0, 300))
+    val_w = ForkingWindows(series, lookback=16, horizon=4, rows=slice(284, 400))
+    model = build("gru", input_size=1, hidden_size=4, horizon=4)
+    config = TrainConfig(method="bptt", epochs=3, batch_size=8, device="cpu")
+    spent = Deadline(1.0, started=time.monotonic() - 5)
+    with pytest.raises(BudgetExceeded, match="during train_bptt at optimiser step 1 "):
+        train(model, train_w, val_w, config, callbacks=[_DeadlineCallback(spent, "train_bptt")])
 
 
 def _write_lock(path: Path, **changes: object) -> LockInfo:
