@@ -49,6 +49,7 @@ from pipelines.tracking import (
     FALLBACK,
     MlflowTracker,
     PromotionDecision,
+    RetrainOwner,
     RetrainRun,
     data_fingerprint,
     open_tracking,
@@ -576,11 +577,13 @@ def run_retrain(
     output_dir = config.output_dir
     with retrain_lock(
         output_dir / LOCK_FILE, config_label=config_label or config.name, max_age_s=max_age
-    ):
+    ) as lock:
         work = output_dir / WORK_DIR
         _clean_work_dir(work)
+        owner = RetrainOwner(output_dir, f"{lock.host}:{lock.pid}:{lock.started_at}")
         with job.timed("log"):
             tracking = open_tracking(config, uri=tracking_uri)
+            tracking.close_abandoned(owner)  # runs a killed retrain of this folder left open
         with job.stage("preprocess"):
             prepared = prepare(config, data_path=data_path)
         fingerprint = data_fingerprint(prepared)
@@ -611,7 +614,7 @@ def run_retrain(
                 tracking_uri=tracking.uri,
             )
         with job.timed("log"):
-            run = tracking.start_retrain()
+            run = tracking.start_retrain(owner=owner)
             run.parent.set_tags({"retrain.config_hash": digest, "retrain.forced": force})
         with run:  # the parent run ends FINISHED, or FAILED on any error
             trained = {

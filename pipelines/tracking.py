@@ -608,14 +608,24 @@ class Tracking:
         return self.target.uri
 
     def start_retrain(
-        self, run_name: str | None = None, *, system_metrics: bool = False
+        self,
+        run_name: str | None = None,
+        *,
+        system_metrics: bool = False,
+        owner: RetrainOwner | None = None,
     ) -> RetrainRun:
-        """Start the parent run of one retrain (nested runs hang under it)."""
+        """Start the parent run of one retrain (nested runs hang under it).
+
+        `owner` tags the parent and nested runs with the output folder and the lock holder, so
+        that a later retrain of the same folder can close the runs this one leaves open if it
+        is killed (`close_abandoned`).
+        """
+        owner_tags = owner.tags() if owner is not None else {}
         tracker = MlflowTracker(
             self.client,
             self.experiment_id,
             self.uri,
-            tags={"config": self.config_name, "kind": "retrain"},
+            tags={"config": self.config_name, "kind": "retrain", **owner_tags},
         )
         tracker.start(run_name or f"retrain-{time.strftime('%Y%m%dT%H%M%S')}")
         monitor = None
@@ -624,7 +634,62 @@ class Tracking:
         commit = _git_commit()
         if commit:
             tracker.set_tags({"git_commit": commit})
-        return RetrainRun(tracking=self, parent=tracker, monitor=monitor)
+        return RetrainRun(tracking=self, parent=tracker, monitor=monitor, owner_tags=owner_tags)
+
+    def close_abandoned(self, owner: RetrainOwner) -> list[str]:
+        """Mark KILLED the runs an earlier retrain of `owner`'s folder left RUNNING; their ids.
+
+        Only one retrain holds a folder's lock at a time, so while `owner` holds it any run of
+        the same folder that is still RUNNING under another lock holder belongs to a retrain
+        that died (SIGKILL, a lost node) without ending its runs.
+        """
+        query = (
+            f"attributes.status = 'RUNNING' and tags.`{_OWNER_FOLDER_TAG}` = '{owner.folder_id}'"
+        )
+        with _mlflow_errors("searching abandoned runs", self.uri):
+            runs = self.client.search_runs([self.experiment_id], filter_string=query)
+        closed = []
+        for found in runs:
+            holder = found.data.tags.get(_OWNER_LOCK_TAG)
+            if holder == owner.lock:
+                continue
+            with _mlflow_errors("closing an abandoned run", self.uri):
+                self.client.set_tag(found.info.run_id, "retrain.closed_by", owner.lock)
+                self.client.set_terminated(found.info.run_id, status="KILLED")
+            closed.append(found.info.run_id)
+        if closed:
+            logger.warning(
+                "marked %d run(s) of an earlier retrain of %s that did not end as KILLED: %s",
+                len(closed),
+                owner.folder,
+                ", ".join(closed),
+            )
+        return closed
+
+
+_OWNER_FOLDER_TAG = "retrain.folder_id"
+_OWNER_LOCK_TAG = "retrain.lock"
+
+
+@dataclass(frozen=True)
+class RetrainOwner:
+    """Which retrain made a run: its output folder and the lock holder (`host:pid:started`)."""
+
+    folder: Path
+    lock: str
+
+    @property
+    def folder_id(self) -> str:
+        """A filter-safe id of the folder (sha256 of its absolute path, 16 hex digits)."""
+        return hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:16]
+
+    def tags(self) -> dict[str, str]:
+        """The run tags that identify the owner."""
+        return {
+            "retrain.output_dir": str(self.folder.resolve()),
+            _OWNER_FOLDER_TAG: self.folder_id,
+            _OWNER_LOCK_TAG: self.lock,
+        }
 
 
 def _start_system_metrics(run_id: str, uri: str) -> Any:
@@ -672,6 +737,7 @@ class RetrainRun:
     tracking: Tracking
     parent: MlflowTracker
     monitor: Any = None
+    owner_tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -686,7 +752,7 @@ class RetrainRun:
             t.experiment_id,
             t.uri,
             parent_run_id=self.run_id,
-            tags={"role": role, "config": t.config_name, **tags},
+            tags={"role": role, "config": t.config_name, **self.owner_tags, **tags},
         )
         tracker.start(role)
         return tracker

@@ -430,6 +430,15 @@ def test_sigkill_at_any_stage_leaves_loadable_aliases_and_the_next_run_succeeds(
     assert not list((lock.parent / "retrain").glob(".bundle_*"))
     for alias in (CHAMPION, FALLBACK):
         _assert_loadable(server.uri, first.name, alias, tmp_path / "after")
+    # The killed jobs' parent and nested runs were closed as KILLED by the next run.
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name(first.name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    killed_runs = [r for r in runs if r.info.status == "KILLED"]
+    assert killed_runs
+    assert all(r.data.tags.get("retrain.closed_by") for r in killed_runs)
+    assert "did not end as KILLED" in after.stderr
 
 
 @pytest.mark.integration
