@@ -367,12 +367,16 @@ def retrain_lock(
 def config_hash(config: Config) -> str:
     """sha256 of everything in the config that shapes the model.
 
-    `output_dir` and `data.path` are left out: where files live does not change the model, and
-    the data's content is covered by its fingerprint.
+    `output_dir`, `data.path`, `execution` and `workers` are left out: where files live and
+    where the per-series stages run (their results are bit-identical on every executor) do not
+    change the model, and the data's content is covered by its fingerprint.
     """
     import hashlib
 
-    settings = config.model_dump(mode="json", exclude={"output_dir": True, "data": {"path"}})
+    settings = config.model_dump(
+        mode="json",
+        exclude={"output_dir": True, "execution": True, "workers": True, "data": {"path"}},
+    )
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
