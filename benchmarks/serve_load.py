@@ -15,12 +15,15 @@ whole window (the last L + 1 points are sent every time).
 The client shares the machine's cores with the server, so figures are a lower bound for a
 dedicated server. Writes benchmarks/results/serve_load.json and .md.
 Run: python benchmarks/serve_load.py [--duration 60]
+Quick A/B runs: `--workdir DIR` trains once and reuses the bundle, `--server-env K=V` sets a
+server variable (e.g. FORECASTER_BATCH_MAX_ROWS=0), `--skip-streaming`, `--no-write`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -50,7 +53,8 @@ LOOKBACK, HORIZON, HIDDEN, N_SERIES = 336, 96, 64, 64
 
 
 def _train(folder: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """A quickly trained bundle and each series' history."""
+    """A quickly trained bundle and each series' history (a bundle already in `folder` is
+    reused)."""
     from pipelines.prepare import prepare
     from pipelines.train import run_training
 
@@ -69,7 +73,9 @@ def _train(folder: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]]
         }
     )
     prepared = prepare(config)
-    bundle = run_training(config, method="feedback", prepared=prepared, resume=False).bundle
+    bundle = folder / "bundle_feedback"
+    if not (bundle / "model.onnx").is_file():
+        bundle = run_training(config, method="feedback", prepared=prepared, resume=False).bundle
     history = {
         str(uid): (frame["ds"].to_numpy(), frame["y"].to_numpy(np.float64))
         for uid, frame in prepared.data.frame.groupby("unique_id", sort=False)
@@ -148,7 +154,7 @@ def _overhead(
     model = runtime.models.loaded()[0]
     ids = sorted(history)
     results = {}
-    with httpx.Client(timeout=30.0) as client:
+    with httpx.Client(timeout=30.0) as client, contextlib.closing(runtime):
         for batch in batches:
             payload = _payload(history, ids[:batch])
             request = ForecastRequest.model_validate(payload)
@@ -251,12 +257,14 @@ def _start(
 
 
 def _table(record: dict[str, Any]) -> str:
+    server_env = ", ".join(f"{k}={v}" for k, v in record.get("server_env", {}).items())
     lines = [
         "# Serving load (loopback, real `bentoml serve`)",
         "",
         f"MI-GRU hidden {HIDDEN}, L = {LOOKBACK}, H = {HORIZON}; {record['duration_s']} s per "
         "row; the load generator shares the machine's cores with the server.",
         "",
+        *([f"Server variables: {server_env}.", ""] if server_env else []),
         "| series / request | clients | series/s | requests/s | p50 ms | p95 ms | p99 ms "
         "| errors |",
         "|---|---|---|---|---|---|---|---|",
@@ -301,13 +309,25 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--port", type=int, default=3917)
+    parser.add_argument("--overhead-runs", type=int, default=100, help="requests per batch size")
+    parser.add_argument("--skip-streaming", action="store_true", help="no streaming scenario")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="an environment variable of the server (repeatable)",
+    )
+    parser.add_argument("--workdir", type=Path, help="train here once and reuse the bundle")
+    parser.add_argument("--no-write", action="store_true", help="print only, write no results")
     args = parser.parse_args()
+    server_env = dict(item.split("=", 1) for item in args.server_env)
 
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         folder = Path(tmp)
         print("training the benchmark model …")
-        bundle, history = _train(folder)
-        process = _start(bundle, args.port, folder / "server.log")
+        bundle, history = _train(args.workdir or folder)
+        process = _start(bundle, args.port, folder / "server.log", server_env)
         url = f"http://127.0.0.1:{args.port}/forecast"
         rows = []
         try:
@@ -320,21 +340,26 @@ def main() -> None:
                     row["series_per_request"] = batch
                     rows.append(row)
                     print(row)
-            overhead = _overhead(url, bundle, history, args.batches, runs=100)
+            overhead = _overhead(url, bundle, history, args.batches, args.overhead_runs)
             print(overhead)
-            streaming = [asyncio.run(_stream(url, history, 8, args.duration, incremental=False))]
-            print(streaming[-1])
+            streaming = []
+            if not args.skip_streaming:
+                full = asyncio.run(_stream(url, history, 8, args.duration, incremental=False))
+                streaming.append(full)
+                print(full)
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
-        cache = {"FORECASTER_STATE_CACHE_SIZE": "1000"}
-        process = _start(bundle, args.port, folder / "server_state.log", cache)
-        try:
-            streaming.append(asyncio.run(_stream(url, history, 8, args.duration, incremental=True)))
-            print(streaming[-1])
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+        if not args.skip_streaming:
+            cache = {**server_env, "FORECASTER_STATE_CACHE_SIZE": "1000"}
+            process = _start(bundle, args.port, folder / "server_state.log", cache)
+            try:
+                incremental = asyncio.run(_stream(url, history, 8, args.duration, incremental=True))
+                streaming.append(incremental)
+                print(incremental)
+            finally:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
     record = {
         "duration_s": args.duration,
         "model": {
@@ -346,8 +371,12 @@ def main() -> None:
         "load": rows,
         "overhead": overhead,
         "streaming": streaming,
+        "server_env": server_env,
     }
-    write_results("serve_load", record, _table(record))
+    if args.no_write:
+        print(_table(record))
+    else:
+        write_results("serve_load", record, _table(record))
 
 
 if __name__ == "__main__":

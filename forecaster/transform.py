@@ -17,6 +17,7 @@ This module imports neither pandas nor statsmodels nor torch: the serving image 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,16 +37,21 @@ __all__ = [
     "SeasonalProfile",
     "SeasonalityParams",
     "SeriesTransform",
+    "TransformBatch",
     "Transformed",
+    "TransformedBatch",
     "TrendParams",
     "components",
     "format_timestamp",
     "future_timestamps",
     "inverse_forecast",
+    "inverse_forecast_steps",
     "inverse_transform",
+    "shape_key",
     "steps_since_anchor",
     "timestamps_to_ns",
     "transform",
+    "transform_steps",
 ]
 
 FORMAT_VERSION = 1
@@ -509,3 +515,152 @@ def future_timestamps(
     t_last = steps_since_anchor(spec, np.asarray([last_ds]), series_id="last_ds")[0]
     t = t_last + np.arange(1, horizon + 1, dtype=np.int64)
     return (spec.anchor_ns + t * spec.step_ns).astype("datetime64[ns]")
+
+
+# --------------------------------------------------------------------------- many series at once
+
+
+def shape_key(spec: SeriesTransform) -> tuple[int, bool, tuple[int, ...]]:
+    """What series must share to be transformed together: differencing order, whether there is
+    a trend, and the seasonal periods in order."""
+    periods = tuple(p.period for p in spec.seasonality.profiles)
+    return (spec.difference, spec.trend.kind != "none", periods)
+
+
+@dataclass(frozen=True)
+class TransformBatch:
+    """The transforms of `N` same-shaped series (`shape_key`) stacked as arrays.
+
+    `transform_steps` and `inverse_forecast_steps` give, row by row, exactly (bit for bit) what
+    `transform` and `inverse_forecast` give series by series; they skip the per-series checks
+    of timestamps and values, which the caller has made.
+    """
+
+    difference: int
+    intercept: FloatArray | None  # [N, 1]; None: no trend
+    slope: FloatArray | None  # [N, 1]
+    profiles: tuple[tuple[int, FloatArray], ...]  # (period, [N, period]) in the specs' order
+    center: FloatArray  # [N, 1]
+    scale: FloatArray  # [N, 1]
+
+    @property
+    def size(self) -> int:
+        """Number of series `N`."""
+        return int(self.center.shape[0])
+
+    @classmethod
+    def stack(cls, specs: Sequence[SeriesTransform]) -> TransformBatch:
+        """Stack same-shaped transforms.
+
+        Raises:
+            DataError: no spec is given, or a spec's shape differs from the first one's.
+        """
+        if not specs:
+            raise DataError("a transform batch needs at least one series", field="specs")
+        key = shape_key(specs[0])
+        for row, spec in enumerate(specs):
+            if shape_key(spec) != key:
+                raise DataError(
+                    f"specs[{row}]: (difference, trend, periods) {shape_key(spec)} differs from "
+                    f"the first series' {key}; batch only same-shaped series",
+                    field="specs",
+                )
+
+        def column(values: list[float]) -> FloatArray:
+            return np.array(values, dtype=np.float64)[:, None]
+
+        trend = key[1]
+        return cls(
+            difference=key[0],
+            intercept=column([s.trend.intercept for s in specs]) if trend else None,
+            slope=column([s.trend.slope for s in specs]) if trend else None,
+            profiles=tuple(
+                (period, np.array([s.seasonality.profiles[j].values for s in specs], np.float64))
+                for j, period in enumerate(key[2])
+            ),
+            center=column([s.scaling.center for s in specs]),
+            scale=column([s.scaling.scale for s in specs]),
+        )
+
+    def components(self, t: npt.NDArray[np.int64]) -> Components:
+        """Trend and seasonal parts `[N, n]` at steps `t [N, n]` (`_components_at`, row-wise)."""
+        if self.intercept is None or self.slope is None:
+            trend = np.zeros(t.shape, dtype=np.float64)
+        else:
+            trend = self.intercept + self.slope * t.astype(np.float64)
+        seasonal = np.zeros(t.shape, dtype=np.float64)
+        for period, values in self.profiles:
+            seasonal += np.take_along_axis(values, np.mod(t, period), axis=1)
+        return Components(trend=trend, seasonal=seasonal)
+
+    def _check(self, name: str, values: npt.ArrayLike, t: npt.NDArray[np.int64]) -> FloatArray:
+        arr = np.asarray(values, dtype=np.float64)
+        if t.ndim != 2 or t.shape[0] != self.size or arr.shape != t.shape:
+            raise DataError(
+                f"{name} {arr.shape} and steps {t.shape} must both be [{self.size}, n]",
+                field=name,
+            )
+        return arr
+
+
+@dataclass(frozen=True)
+class TransformedBatch:
+    """`transform_steps` output: `values [N, n - d]` model input, `residual [N, n]`."""
+
+    values: FloatArray
+    residual: FloatArray
+    difference: int
+
+    @property
+    def last_levels(self) -> FloatArray:
+        """`[N, d]` last residuals of every series (`Transformed.last_levels` row-wise)."""
+        return self.residual[:, self.residual.shape[1] - self.difference :]
+
+
+def transform_steps(
+    batch: TransformBatch, y: npt.ArrayLike, t: npt.NDArray[np.int64]
+) -> TransformedBatch:
+    """`transform` of `N` series at once: values `y [N, n]` at steps since their anchors
+    `t [N, n]` (from `steps_since_anchor`; consecutive when `d > 0`, values finite).
+
+    Raises:
+        DataError: shapes disagree, or `n <= d`.
+    """
+    values = batch._check("y", y, t)
+    d = batch.difference
+    if values.shape[1] <= d:
+        raise DataError(
+            f"{values.shape[1]} points are too few for differencing of order {d}", field="y"
+        )
+    parts = batch.components(t)
+    residual = values - parts.trend - parts.seasonal
+    differenced = np.diff(residual, n=d, axis=1) if d else residual
+    scaled = (differenced - batch.center) / batch.scale
+    return TransformedBatch(values=scaled, residual=residual, difference=d)
+
+
+def inverse_forecast_steps(
+    batch: TransformBatch,
+    values: npt.ArrayLike,
+    t: npt.NDArray[np.int64],
+    last_levels: npt.ArrayLike,
+) -> FloatArray:
+    """`inverse_forecast` of `N` series at once: model outputs `values [N, h]` for the future
+    steps `t [N, h]` (consecutive right after the histories when `d > 0`), with the histories'
+    `last_levels [N, d]`; non-finite outputs propagate.
+
+    Raises:
+        DataError: shapes disagree.
+    """
+    scaled = batch._check("values", values, t)
+    d = batch.difference
+    tail = np.asarray(last_levels, dtype=np.float64)
+    if tail.shape != (batch.size, d):
+        raise DataError(
+            f"last_levels: shape {tail.shape} is not ({batch.size}, {d})", field="last_levels"
+        )
+    level = scaled * batch.scale + batch.center
+    for order in range(d - 1, -1, -1):
+        level = np.diff(tail, n=order, axis=1)[:, -1:] + np.cumsum(level, axis=1)
+    parts = batch.components(t)
+    return level + parts.trend + parts.seasonal

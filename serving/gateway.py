@@ -2,25 +2,29 @@
 
 Pure ASGI (no framework), so it also guards BentoML's own routes. It asks `state()` for the
 running service's settings and readiness; before the service instance exists it answers 503.
+The hot routes the state names (`POST /forecast`) are answered here from the body already read,
+skipping the framework's routing, dependency and thread-pool layers (together about a third of
+a one-series request's server time when measured).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from serving.settings import ServingSettings
 
-__all__ = ["OPEN_PATHS", "Gateway", "GatewayState"]
+__all__ = ["OPEN_PATHS", "Gateway", "GatewayState", "Handler"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Handler = Callable[[bytes], Awaitable[ASGIApp]]  # request body -> the response to send
 
 # Probes, metrics scraping and the API description stay reachable without a token.
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"})
@@ -34,6 +38,7 @@ class GatewayState:
 
     settings: ServingSettings
     readiness: Callable[[], tuple[str, str]]
+    routes: Mapping[tuple[str, str], Handler] = field(default_factory=dict)  # (method, path)
 
 
 class Gateway:
@@ -106,6 +111,11 @@ class Gateway:
                         "detail": "send fewer or shorter series per request",
                     },
                 )
+                return
+            handler = state.routes.get((scope["method"], path))
+            if handler is not None:
+                response = await handler(body)
+                await response(scope, receive, counted_send)
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, counted_send)

@@ -4,7 +4,10 @@ A model is a bundle folder (pipelines/train.py `write_bundle`, or a registry dow
 JSON files and the step graph sit in `extra_files/`): `model.onnx`, `preprocessing.json`,
 `metadata.json` and optionally `model_step.onnx` and `calibration.json`. Sessions are opened and
 warmed up when a model set is built; a request reads the current set once, so a reload that swaps
-in a new set never disturbs requests in flight. Every series of a request runs in one ORT call.
+in a new set never disturbs requests in flight. Every series of a request runs in one ORT call,
+which concurrent requests share (serving/batching.py); on CUDA, small calls run on a CPU session
+of the same model (`cuda_min_rows`). The per-series work (transform, inversion, bounds) runs on
+whole arrays of same-shaped series at once.
 
 Champion → fallback: when the champion did not load, raises, or returns non-finite values, the
 fallback answers and the `Observer` hears why. Input problems raise `DataError`/`ServingError`
@@ -13,16 +16,18 @@ fallback answers and the `Observer` hears why. Input problems raise `DataError`/
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -42,12 +47,15 @@ from forecaster.inference import (
 from forecaster.transform import (
     PreprocessingSpec,
     SeriesTransform,
+    TransformBatch,
     format_timestamp,
-    future_timestamps,
-    inverse_forecast,
+    inverse_forecast_steps,
+    shape_key,
     steps_since_anchor,
     transform,
+    transform_steps,
 )
+from serving.batching import Arrival, MicroBatcher
 from serving.schemas import (
     ForecastRequest,
     ForecastResponse,
@@ -69,12 +77,23 @@ __all__ = [
     "Runtime",
     "Status",
     "load_model",
+    "prefer_cpu",
     "prepare_batch",
 ]
 
 Role = Literal["champion", "fallback"]
 Status = Literal["ready", "degraded", "unavailable"]
 _EXTRA = "extra_files"  # where MLflow's onnx flavour keeps a logged model's extra files
+_CUDA = "CUDAExecutionProvider"
+_T = TypeVar("_T")
+
+
+def prefer_cpu(providers: Sequence[str], rows: int, cuda_min_rows: int) -> bool:
+    """Whether a call of `rows` series should run on the CPU session of a model whose main
+    session has `providers`: only when that session runs on CUDA and the call is smaller than
+    `cuda_min_rows` (ORT's CUDA GRU costs about 28 ms whatever the batch up to hundreds of
+    series on an H100, the CPU one 3 ms for one series)."""
+    return bool(providers) and providers[0] == _CUDA and rows < cuda_min_rows
 
 
 class Observer(Protocol):
@@ -116,6 +135,19 @@ class _Metadata(BaseModel):
 
 
 @dataclass(frozen=True)
+class _Grid:
+    """What the request path reads of a series' transform again and again, computed once."""
+
+    anchor_ns: int
+    step_ns: int
+    shape: tuple[int, bool, tuple[int, ...]]  # `shape_key`: which series transform together
+
+    @classmethod
+    def of(cls, spec: SeriesTransform) -> _Grid:
+        return cls(anchor_ns=spec.anchor_ns, step_ns=spec.step_ns, shape=shape_key(spec))
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """An opened, warmed-up model with its preprocessing and (optional) calibration."""
 
@@ -129,6 +161,17 @@ class LoadedModel:
     metadata: _Metadata
     calibration: Calibration | None
     fingerprint: str
+    cpu_window: ort.InferenceSession | None = None  # small calls when `window` runs on CUDA
+    cuda_min_rows: int = 0
+    grids: dict[str, _Grid] = field(default_factory=dict)  # of every series of `spec`
+
+    def window_for(self, rows: int) -> ort.InferenceSession:
+        """The window session a call of `rows` series runs on (see `prefer_cpu`)."""
+        if self.cpu_window is not None and prefer_cpu(
+            self.window.get_providers(), rows, self.cuda_min_rows
+        ):
+            return self.cpu_window
+        return self.window
 
     @property
     def key(self) -> str:
@@ -201,8 +244,10 @@ def load_model(
     version: str | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     intra_op_threads: int | None = None,
+    cuda_min_rows: int = 0,
 ) -> LoadedModel:
-    """Open a bundle folder's window model, read its JSON files and warm the session up.
+    """Open a bundle folder's window model, read its JSON files and warm the session up; on
+    CUDA with `cuda_min_rows` > 0, also a CPU session for calls of fewer series.
 
     Raises:
         ModelUnavailable: a file is missing or invalid, the model's metadata disagrees with the
@@ -245,6 +290,10 @@ def load_model(
     warm = forecast_window(session, np.zeros((1, metadata.lookback, 1), dtype=np.float32))
     if not np.isfinite(warm).all():
         raise ModelUnavailable(f"{folder}: the model emits non-finite values", field=role)
+    cpu_window = None
+    if prefer_cpu(session.get_providers(), 0, cuda_min_rows):
+        cpu_window = open_session(_bundle_file(folder, MODEL_FILE), "cpu", intra_op_threads)
+        forecast_window(cpu_window, np.zeros((1, metadata.lookback, 1), dtype=np.float32))
     logger.info("loaded %s from %s (%s)", role, source or folder, session.get_providers()[0])
     return LoadedModel(
         role=role,
@@ -257,6 +306,9 @@ def load_model(
         metadata=metadata,
         calibration=calibration,
         fingerprint=version or _fingerprint(folder),
+        cpu_window=cpu_window,
+        cuda_min_rows=cuda_min_rows,
+        grids={uid: _Grid.of(series) for uid, series in spec.series.items()},
     )
 
 
@@ -297,6 +349,7 @@ class _SeriesPlan:
 
     unique_id: str
     spec: SeriesTransform
+    grid: _Grid
     last_ns: int
     last_levels: npt.NDArray[np.float64]
     x: npt.NDArray[np.float32]
@@ -420,7 +473,9 @@ def prepare_batch(
         model.calibration.level_index(level)  # ModelError naming the calibrated levels
     reference = next(iter(model.spec.series.values()))  # the grid and order all series share
     use_cache = cache is not None and cache.enabled and model.step is not None
-    plans, seen = [], set()
+    plans: list[_SeriesPlan | None] = []
+    windows: list[_Window] = []  # whole windows, transformed together below
+    seen: set[str] = set()
     for i, series in enumerate(request.series):
         prefix = f"series[{i}]"
         uid = series.unique_id
@@ -447,7 +502,8 @@ def prepare_batch(
             if start is not None:
                 try:
                     new = series.values[start:]
-                    plans.append(_continue(spec, carried, all_ds[start:], new, uid))
+                    grid = model.grids.get(uid) or _Grid.of(spec)
+                    plans.append(_continue(spec, grid, carried, all_ds[start:], new, uid))
                 except DataError as exc:
                     raise _prefixed(exc, prefix) from None
                 continue
@@ -463,36 +519,91 @@ def prepare_batch(
         try:
             if spec is None:
                 spec = _window_scaling(model, values, int(ds[0]))
-            t = steps_since_anchor(spec, all_ds.astype("datetime64[ns]"), series_id=uid)
-            gaps = np.flatnonzero(np.diff(t[n - need :]) != 1)
-            if gaps.size:
-                row = n - need + int(gaps[0]) + 1
-                raise DataError(
-                    f"row {row}: timestamp {format_timestamp(all_ds[row])} is not one "
-                    f"{spec.step_s:g} s step after {format_timestamp(all_ds[row - 1])}; the "
-                    f"last {need} points must be consecutive",
-                    field="ds",
-                )
-            transformed = transform(spec, values, ds.astype("datetime64[ns]"), series_id=uid)
-            _require_finite(transformed.values)
+            grid = model.grids.get(uid) or _Grid.of(spec)
+            if series.timestamps is None:  # consecutive from `start`: check its grid only
+                offset = int(ds[0]) - grid.anchor_ns
+                if offset % grid.step_ns:  # off the grid: the transform's error names it
+                    steps_since_anchor(spec, ds[:1].astype("datetime64[ns]"), series_id=uid)
+                t = offset // grid.step_ns + np.arange(need, dtype=np.int64)
+            else:
+                t = steps_since_anchor(spec, all_ds.astype("datetime64[ns]"), series_id=uid)
+                t = t[n - need :]
+                gaps = np.flatnonzero(np.diff(t) != 1)
+                if gaps.size:
+                    row = n - need + int(gaps[0]) + 1
+                    raise DataError(
+                        f"row {row}: timestamp {format_timestamp(all_ds[row])} is not one "
+                        f"{spec.step_s:g} s step after {format_timestamp(all_ds[row - 1])}; the "
+                        f"last {need} points must be consecutive",
+                        field="ds",
+                    )
         except DataError as exc:
             raise _prefixed(exc, prefix) from None
-        plans.append(
-            _SeriesPlan(
-                unique_id=uid,
-                spec=spec,
-                last_ns=int(ds[-1]),
-                last_levels=transformed.last_levels,
-                x=transformed.values[-model.lookback :].astype(np.float32),
-                state=None,
-                tail=values,
-            )
+        windows.append(_Window(len(plans), prefix, uid, spec, grid, t, values, int(ds[-1])))
+        plans.append(None)
+    for group in _same_shaped(windows, lambda w: w.grid):
+        _transform_windows(group, model.lookback, plans)
+    return PreparedBatch(plans=plans, horizon=horizon, level=level)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A validated whole window waiting to be transformed: `t` its steps, `values` raw."""
+
+    index: int
+    prefix: str
+    unique_id: str
+    spec: SeriesTransform
+    grid: _Grid
+    t: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]
+    last_ns: int
+
+
+def _same_shaped(items: Sequence[_T], grid_of: Callable[[_T], _Grid]) -> list[list[_T]]:
+    """`items` grouped by the shape of their transform, each group in the original order."""
+    groups: dict[tuple[int, bool, tuple[int, ...]], list[_T]] = {}
+    for item in items:
+        groups.setdefault(grid_of(item).shape, []).append(item)
+    return list(groups.values())
+
+
+def _transform_windows(
+    group: list[_Window], lookback: int, plans: list[_SeriesPlan | None]
+) -> None:
+    """Transform same-shaped windows in one pass and put their plans in place; a window that
+    overflows once transformed raises for the first such series of the request."""
+    transformed = transform_steps(
+        TransformBatch.stack([w.spec for w in group]),
+        np.stack([w.values for w in group]),
+        np.stack([w.t for w in group]),
+    )
+    limit = np.finfo(np.float32).max
+    fits = (np.abs(transformed.values) <= limit).all(axis=1)
+    if not fits.all():
+        bad = group[int(np.flatnonzero(~fits)[0])]
+        try:
+            _require_finite(transformed.values[~fits][0])
+        except DataError as exc:
+            raise _prefixed(exc, bad.prefix) from None
+    x = transformed.values[:, -lookback:].astype(np.float32)
+    last_levels = transformed.last_levels
+    for row, window in enumerate(group):
+        plans[window.index] = _SeriesPlan(
+            unique_id=window.unique_id,
+            spec=window.spec,
+            grid=window.grid,
+            last_ns=window.last_ns,
+            last_levels=last_levels[row],
+            x=x[row],
+            state=None,
+            tail=window.values,
         )
-    return PreparedBatch(plans=plans, horizon=horizon, level=level)
 
 
 def _continue(
     spec: SeriesTransform,
+    grid: _Grid,
     carried: Carried,
     ds: npt.NDArray[np.int64],
     values: Sequence[float],
@@ -509,6 +620,7 @@ def _continue(
     return _SeriesPlan(
         unique_id=uid,
         spec=spec,
+        grid=grid,
         last_ns=int(ds[-1]),
         last_levels=transformed.last_levels,
         x=transformed.values.astype(np.float32),
@@ -517,16 +629,43 @@ def _continue(
     )
 
 
-def _run(
-    model: LoadedModel, plans: list[_SeriesPlan], stateful: bool
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
-    """Forecasts `[N, H]` of every plan, and their new states `[N, S]` when `stateful`.
+_Outputs = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None, float]
 
-    Windows run in one call (the step graph from a zero state when states are kept); carried
-    series run the step graph on their new points, one call per number of new points.
+
+@dataclass(frozen=True)
+class _Call:
+    """One model's ORT work for a request: its plans, through the step graph when `stateful`."""
+
+    model: LoadedModel
+    plans: list[_SeriesPlan]
+    stateful: bool
+
+
+def _windows(plans: list[_SeriesPlan]) -> npt.NDArray[np.float32]:
+    """The plans' windows as one model input `[N, L, 1]`."""
+    return np.stack([p.x for p in plans])[:, :, None]
+
+
+def _run(
+    model: LoadedModel,
+    plans: list[_SeriesPlan],
+    stateful: bool,
+    batcher: MicroBatcher,
+    arrival: Arrival | None = None,
+) -> _Outputs:
+    """Forecasts `[N, H]` of every plan, their new states `[N, S]` when `stateful`, and the
+    seconds of ORT calls they took.
+
+    Windows run in one call, shared with concurrent requests through `batcher` (the step graph
+    from a zero state when states are kept); carried series run the step graph on their new
+    points, one call per number of new points.
     """
     if not stateful or model.step is None:
-        return forecast_window(model.window, np.stack([p.x for p in plans])[:, :, None]), None
+        z, seconds = batcher.forecast(model, _windows(plans), arrival)
+        return z, None, seconds
+    if arrival is not None:
+        arrival.settle()
+    started = time.perf_counter()
     forecasts = np.empty((len(plans), model.horizon), dtype=np.float32)
     states = np.empty((len(plans), initial_state(model.step, 1).shape[1]), dtype=np.float32)
     groups: dict[tuple[bool, int], list[int]] = {}
@@ -540,50 +679,87 @@ def _run(
             state = np.stack([plans[i].state for i in rows])  # type: ignore[misc]
         result = forecast_step(model.step, x, state)
         forecasts[rows], states[rows] = result.forecast, result.state
-    return forecasts, states
+    return forecasts, states, time.perf_counter() - started
+
+
+def _forecast_rows(model: LoadedModel, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """One window call of `x [B, L, 1]` on the session that suits its size."""
+    return forecast_window(model.window_for(len(x)), x)
 
 
 _ISO_UNITS = (("s", 10**9), ("ms", 10**6), ("us", 10**3), ("ns", 1))
 
 
-def _format_timestamps(ds: npt.NDArray[np.datetime64]) -> list[str]:
-    """`format_timestamp` of a whole array at once: the coarsest unit exact for every entry."""
-    ns = ds.astype("datetime64[ns]").astype(np.int64)
+@functools.lru_cache(maxsize=4096)
+def _future_texts(first_ns: int, step_ns: int, horizon: int) -> tuple[str, ...]:
+    """ISO text of `horizon` grid timestamps from `first_ns` (`format_timestamp` of each, the
+    coarsest unit exact for all); cached, as concurrent requests mostly share their future."""
+    ns = first_ns + step_ns * np.arange(horizon, dtype=np.int64)
     unit = next(u for u, size in _ISO_UNITS if not (ns % size).any())
-    return np.datetime_as_string(ns.astype("datetime64[ns]"), unit=unit).tolist()
+    return tuple(np.datetime_as_string(ns.astype("datetime64[ns]"), unit=unit).tolist())
 
 
 def _finish(
     model: LoadedModel, batch: PreparedBatch, z: npt.NDArray[np.float32]
 ) -> list[SeriesForecast]:
-    """Invert the model outputs `z [N, H]` to the series' units and add calibrated bounds."""
-    forecasts = []
-    for i, plan in enumerate(batch.plans):
-        future = future_timestamps(plan.spec, np.datetime64(plan.last_ns, "ns"), batch.horizon)
-        point = inverse_forecast(
-            plan.spec,
-            z[i, : batch.horizon].astype(np.float64),
-            future,
-            plan.last_levels,
-            series_id=plan.unique_id,
+    """Invert the model outputs `z [N, H]` to the series' units and add calibrated bounds,
+    same-shaped series together.
+
+    Raises:
+        ModelError: a series' forecast is not finite (the first such series is named).
+    """
+    h, plans = batch.horizon, batch.plans
+    steps = np.arange(1, h + 1, dtype=np.int64)
+    calibration = model.calibration
+    index = None
+    if calibration is not None and batch.level is not None:
+        index = calibration.level_index(batch.level)
+    point: list[list[float]] = [[] for _ in plans]
+    lower: list[list[float] | None] = [None] * len(plans)
+    upper: list[list[float] | None] = [None] * len(plans)
+    future: list[tuple[int, int]] = [(0, 0)] * len(plans)  # first timestamp and step, ns
+    for rows in _same_shaped(range(len(plans)), lambda i: plans[i].grid):
+        specs = [plans[i].spec for i in rows]
+        anchors = np.array([plans[i].grid.anchor_ns for i in rows], dtype=np.int64)[:, None]
+        step_ns = np.array([plans[i].grid.step_ns for i in rows], dtype=np.int64)[:, None]
+        last = np.array([plans[i].last_ns for i in rows], dtype=np.int64)[:, None]
+        t = (last - anchors) // step_ns + steps  # [g, h] steps since each anchor
+        values = inverse_forecast_steps(
+            TransformBatch.stack(specs),
+            z[rows, :h].astype(np.float64),
+            t,
+            np.stack([plans[i].last_levels for i in rows]),
         )
-        if not np.isfinite(point).all():
-            raise ModelError(f"{model.role} returned non-finite values for {plan.unique_id!r}")
-        lower = upper = None
-        level = None
-        calibration = model.calibration
-        if batch.level is not None and calibration and plan.unique_id in calibration.series:
-            low, high = calibration.bounds(plan.unique_id, point, batch.level)
-            lower, upper, level = low.tolist(), high.tolist(), batch.level
+        finite = np.isfinite(values).all(axis=1)
+        if not finite.all():
+            first = min(rows[j] for j in np.flatnonzero(~finite))
+            raise ModelError(
+                f"{model.role} returned non-finite values for {plans[first].unique_id!r}"
+            )
+        first = (anchors + t[:, :1] * step_ns)[:, 0].tolist()
+        for j, i in enumerate(rows):
+            point[i], future[i] = values[j].tolist(), (first[j], int(step_ns[j, 0]))
+        if index is None or calibration is None:
+            continue
+        known = [j for j, i in enumerate(rows) if plans[i].unique_id in calibration.series]
+        if known:
+            q = np.stack(
+                [calibration.series[plans[rows[j]].unique_id].quantiles[index, :h] for j in known]
+            )
+            low, high = (values[known] - q).tolist(), (values[known] + q).tolist()
+            for j, lo, hi in zip(known, low, high, strict=True):
+                lower[rows[j]], upper[rows[j]] = lo, hi
+    forecasts = []
+    for i, plan in enumerate(plans):
         forecasts.append(
             # Built from our own float arrays: validating 3 x H floats per series again costs.
             SeriesForecast.model_construct(
                 unique_id=plan.unique_id,
-                timestamps=_format_timestamps(future),
-                point=point.tolist(),
-                lower=lower,
-                upper=upper,
-                level=level,
+                timestamps=list(_future_texts(*future[i], h)),
+                point=point[i],
+                lower=lower[i],
+                upper=upper[i],
+                level=batch.level if lower[i] is not None else None,
             )
         )
     return forecasts
@@ -610,6 +786,9 @@ class Runtime:
         self._health = _Health()
         self._download_dir = settings.download_dir or Path(tempfile.mkdtemp(prefix="forecaster-"))
         self.state_cache = StateCache(settings.state_cache_size)
+        self.batcher = MicroBatcher(
+            settings.batch_max_rows, settings.batch_max_wait_ms / 1000.0, run=_forecast_rows
+        )
         self._models = self._build(previous=None)
 
     @property
@@ -660,6 +839,63 @@ class Runtime:
         loaded = models.loaded()
         if not loaded:
             raise ModelUnavailable("no model is loaded: " + _errors(models))
+        with self.batcher.arriving() as arrival:
+            steps = self._attempts(request, models, loaded)
+            step = _resume(steps, None, failed=False)
+            while isinstance(step, _Call):
+                try:
+                    value, failed = self._call(step, arrival), False
+                except Exception as exc:  # thrown into the attempt, which moves on
+                    value, failed = exc, True
+                step = _resume(steps, value, failed)
+            return step
+
+    async def forecast_async(self, request: ForecastRequest) -> ForecastResponse:
+        """`forecast` on an event loop: the Python work runs on the loop (it holds the GIL
+        anyway), the ORT calls in the micro-batching worker or a worker thread.
+
+        Raises:
+            DataError, ModelError, ModelUnavailable: as `forecast`.
+        """
+        models = self._models
+        loaded = models.loaded()
+        if not loaded:
+            raise ModelUnavailable("no model is loaded: " + _errors(models))
+        with self.batcher.arriving() as arrival:
+            steps = self._attempts(request, models, loaded)
+            step = _resume(steps, None, failed=False)
+            while isinstance(step, _Call):
+                try:
+                    value, failed = await self._call_async(step, arrival), False
+                except Exception as exc:  # thrown into the attempt, which moves on
+                    value, failed = exc, True
+                step = _resume(steps, value, failed)
+            return step
+
+    def close(self) -> None:
+        """Stop the micro-batching worker (requests after this raise)."""
+        self.batcher.close()
+
+    def _call(self, call: _Call, arrival: Arrival) -> _Outputs:
+        return _run(call.model, call.plans, call.stateful, self.batcher, arrival)
+
+    async def _call_async(self, call: _Call, arrival: Arrival) -> _Outputs:
+        if call.stateful:  # step-graph calls, unbatched, off the loop
+            arrival.settle()
+            return await asyncio.to_thread(self._call, call, arrival)
+        z, seconds = await self.batcher.forecast_async(call.model, _windows(call.plans), arrival)
+        return z, None, seconds
+
+    def _attempts(
+        self, request: ForecastRequest, models: ModelSet, loaded: list[LoadedModel]
+    ) -> Generator[_Call, _Outputs, ForecastResponse]:
+        """Champion, then fallback: yields each model's ORT call and gets its outputs back (or
+        the error it raised thrown in); returns the first answer.
+
+        Raises:
+            DataError, ModelError: the request is invalid for the answering model (4xx).
+            ModelUnavailable: every loaded model failed (503).
+        """
         failures = []
         if not isinstance(models.champion, LoadedModel):
             failures.append(f"champion: {models.champion.error}")
@@ -669,10 +905,9 @@ class Runtime:
                 request, model, settings.unknown_series, settings.max_series, cache
             )
             stateful = cache.enabled and model.step is not None
-            started = time.perf_counter()
             try:
-                z, states = _run(model, batch.plans, stateful)  # [N, H], [N, S]
-                self.observer.inference(model.role, time.perf_counter() - started)
+                z, states, seconds = yield _Call(model, batch.plans, stateful)
+                self.observer.inference(model.role, seconds)
                 if not np.isfinite(z).all():
                     raise ModelError(f"{model.role} returned non-finite values")
                 forecasts = _finish(model, batch, z)
@@ -743,11 +978,23 @@ class Runtime:
                 source=source,
                 version=version,
                 device=settings.device,
-                intra_op_threads=settings.intra_op_threads,
+                intra_op_threads=settings.intra_op_threads or None,
+                cuda_min_rows=settings.cuda_min_rows,
             )
         except ForecasterError as exc:
             logger.warning("%s not loaded: %s", role, exc.message)
             return _Failed(role=role, source=source, error=exc.message)
+
+
+def _resume(
+    steps: Generator[_Call, _Outputs, ForecastResponse], value: Any, failed: bool
+) -> _Call | ForecastResponse:
+    """Send an ORT call's outputs into the attempts (or throw its error in): the next call to
+    make, or the answer."""
+    try:
+        return steps.throw(value) if failed else steps.send(value)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
 
 
 def _identity(model: LoadedModel | _Failed) -> tuple[str, str]:

@@ -35,6 +35,9 @@ ENV_NAMES: dict[str, str] = {
     "unknown_series": "FORECASTER_UNKNOWN_SERIES",
     "api_token": "FORECASTER_API_TOKEN",
     "state_cache_size": "FORECASTER_STATE_CACHE_SIZE",
+    "batch_max_rows": "FORECASTER_BATCH_MAX_ROWS",
+    "batch_max_wait_ms": "FORECASTER_BATCH_MAX_WAIT_MS",
+    "cuda_min_rows": "FORECASTER_CUDA_MIN_ROWS",
 }
 
 
@@ -49,7 +52,12 @@ class ServingSettings(BaseModel):
     tracking_uri: str | None = Field(None, description="MLflow tracking and registry URI")
     download_dir: Path | None = Field(None, description="where registry models are downloaded")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    intra_op_threads: int | None = Field(None, ge=1)
+    intra_op_threads: int = Field(
+        1,
+        ge=0,
+        description="threads inside one ONNX Runtime call (0: ORT's choice, one per core, whose "
+        "spinning threads cost about twice the CPU of one thread under concurrent requests)",
+    )
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     max_series: int = Field(1024, ge=1, description="series per request")
     unknown_series: Literal["reject", "window_scaling"] = Field(
@@ -63,6 +71,25 @@ class ServingSettings(BaseModel):
         ge=0,
         description="series whose recurrent state is carried between requests (0: none; each "
         "request then recomputes its whole window)",
+    )
+    batch_max_rows: int = Field(
+        64,
+        ge=0,
+        description="most series that concurrent requests share in one ONNX Runtime call "
+        "(0: no cross-request batching); a request with as many series or more runs alone",
+    )
+    batch_max_wait_ms: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="how long a shared call waits for requests still being prepared (it never "
+        "waits when none is)",
+    )
+    cuda_min_rows: int = Field(
+        64,
+        ge=0,
+        description="on CUDA, calls of fewer series run on a CPU session of the same model "
+        "(CUDA is slower for small batches); 0: every call on CUDA",
     )
 
     @model_validator(mode="after")

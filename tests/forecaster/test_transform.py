@@ -21,13 +21,17 @@ from forecaster.transform import (
     SeasonalityParams,
     SeasonalProfile,
     SeriesTransform,
+    TransformBatch,
     TrendParams,
     components,
     future_timestamps,
     inverse_forecast,
+    inverse_forecast_steps,
     inverse_transform,
+    shape_key,
     steps_since_anchor,
     transform,
+    transform_steps,
 )
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -402,3 +406,83 @@ def test_module_imports_neither_pandas_nor_statsmodels_nor_torch() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+# --------------------------------------------------------------------------- many series at once
+
+
+def _same_shaped(spec: SeriesTransform, rng: np.random.Generator) -> SeriesTransform:
+    """`spec` with other parameters (trend, profiles, scaling, anchor) but the same shape."""
+    trend = spec.trend
+    if trend.kind != "none":
+        trend = trend.model_copy(update={"intercept": rng.normal(0, 100), "slope": rng.normal()})
+    profiles = tuple(
+        p.model_copy(update={"values": tuple(rng.normal(0, 10, p.period).tolist())})
+        for p in spec.seasonality.profiles
+    )
+    shift = int(rng.integers(-50, 50)) * spec.step_ns
+    return spec.model_copy(
+        update={
+            "anchor": str(np.datetime64(spec.anchor_ns + shift, "ns")),
+            "trend": trend,
+            "seasonality": spec.seasonality.model_copy(update={"profiles": profiles}),
+            "scaling": spec.scaling.model_copy(
+                update={"center": rng.normal(0, 10), "scale": float(rng.uniform(0.1, 10))}
+            ),
+        }
+    )
+
+
+@PROPERTY
+@given(series_transforms(), st.integers(1, 5), st.integers(0, 2**32 - 1), st.integers(1, 12))
+def test_batched_transform_and_inversion_equal_the_per_series_ones_bit_for_bit(
+    spec: SeriesTransform, count: int, seed: int, horizon: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    specs = [spec, *(_same_shaped(spec, rng) for _ in range(count - 1))]
+    n = spec.difference + 1 + int(rng.integers(0, 60))
+    starts = rng.integers(-500, 500, count)
+    y = rng.normal(0, 100, (count, n)).cumsum(axis=1)
+    ds = [_grid(s, int(first), n) for s, first in zip(specs, starts, strict=True)]
+    t = np.stack([steps_since_anchor(s, d) for s, d in zip(specs, ds, strict=True)])
+    batch = TransformBatch.stack(specs)
+    together = transform_steps(batch, y, t)
+    z = rng.normal(0, 1, (count, horizon))
+    future_t = t[:, -1:] + np.arange(1, horizon + 1)
+    inverted = inverse_forecast_steps(batch, z, future_t, together.last_levels)
+    for row, (s, d) in enumerate(zip(specs, ds, strict=True)):
+        alone = transform(s, y[row], d)
+        np.testing.assert_array_equal(together.values[row], alone.values)
+        np.testing.assert_array_equal(together.residual[row], alone.residual)
+        future = future_timestamps(s, d[-1], horizon)
+        expected = inverse_forecast(s, z[row], future, alone.last_levels)
+        np.testing.assert_array_equal(inverted[row], expected)
+
+
+def test_shape_key_separates_what_cannot_be_batched() -> None:
+    base = _spec()
+    assert shape_key(base) == (0, True, (3, 4))
+    assert shape_key(_spec(difference=1)) != shape_key(base)
+    assert shape_key(_spec(trend=TrendParams())) != shape_key(base)
+    assert shape_key(_spec(seasonality=SeasonalityParams())) == (0, True, ())
+    assert shape_key(_spec(scaling=ScalingParams(center=3.0, scale=0.5))) == shape_key(base)
+
+
+def test_batch_of_differently_shaped_specs_is_refused_naming_the_row() -> None:
+    with pytest.raises(DataError, match=r"specs\[1\].*differs"):
+        TransformBatch.stack([_spec(), _spec(difference=1)])
+    with pytest.raises(DataError, match="at least one"):
+        TransformBatch.stack([])
+
+
+def test_batched_shapes_are_checked() -> None:
+    batch = TransformBatch.stack([_spec(difference=1), _spec(difference=1)])
+    t = np.arange(10, dtype=np.int64).reshape(2, 5)
+    with pytest.raises(DataError, match="must both be"):
+        transform_steps(batch, np.zeros((2, 4)), t)
+    with pytest.raises(DataError, match="must both be"):
+        transform_steps(batch, np.zeros((3, 5)), np.zeros((3, 5), dtype=np.int64))
+    with pytest.raises(DataError, match="too few"):
+        transform_steps(batch, np.zeros((2, 1)), t[:, :1])
+    with pytest.raises(DataError, match="last_levels"):
+        inverse_forecast_steps(batch, np.zeros((2, 5)), t, np.zeros((2, 2)))

@@ -22,7 +22,9 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from forecaster.calibration import CALIBRATION_FILE, fit_calibration
 from forecaster.config import Config, parse_config
@@ -131,6 +133,42 @@ def expected_forecast(
         spec, z[:horizon].astype(np.float64), future, transformed.last_levels, series_id=unique_id
     )
     return [format_timestamp(t) for t in future], point
+
+
+def nan_model(path: Path, *, always: bool) -> None:
+    """A window graph `forecast = sqrt(x[:, -1] * ones(H))` (NaN when the last input is
+    negative), or `sqrt(x[:, -1] * 0 - 1)` (NaN for every input), with the bundle's metadata."""
+    ones = helper.make_tensor("ones", TensorProto.FLOAT, [1, 6], [1.0] * 6)
+    last = helper.make_tensor("last", TensorProto.INT64, [], [-1])
+    nodes = [
+        helper.make_node("Gather", ["x", "last"], ["x_last"], axis=1),  # [B, 1]
+        helper.make_node("Mul", ["x_last", "ones"], ["tiled"]),  # [B, H]
+    ]
+    if always:
+        minus = helper.make_tensor("minus", TensorProto.FLOAT, [], [-1.0])
+        zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+        nodes += [
+            helper.make_node("Mul", ["tiled", "zero"], ["zeros"]),
+            helper.make_node("Add", ["zeros", "minus"], ["negative"]),
+            helper.make_node("Sqrt", ["negative"], ["forecast"]),
+        ]
+        initializers = [ones, last, minus, zero]
+    else:
+        nodes.append(helper.make_node("Sqrt", ["tiled"], ["forecast"]))
+        initializers = [ones, last]
+    graph = helper.make_graph(
+        nodes,
+        "nan_forecaster",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", 1])],
+        [helper.make_tensor_value_info("forecast", TensorProto.FLOAT, ["batch", 6])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {"lookback": "24", "horizon": "6", "input_size": "1", "state_size": "8"}
+    helper.set_model_props(model, {**meta, "graph": "window", "model": "nan"})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 def free_port() -> int:

@@ -16,49 +16,11 @@ from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 pytestmark = pytest.mark.integration
 
 ChampionState = Literal["healthy", "corrupt", "missing", "nan_always", "nan_on_drop", "other"]
-
-
-def _nan_model(path: Path, *, always: bool) -> None:
-    """A window graph `forecast = sqrt(x[:, -1] * ones(H))` (NaN when the last input is
-    negative), or `sqrt(x[:, -1] * 0 - 1)` (NaN for every input), with the bundle's metadata."""
-    ones = helper.make_tensor("ones", TensorProto.FLOAT, [1, 6], [1.0] * 6)
-    last = helper.make_tensor("last", TensorProto.INT64, [], [-1])
-    nodes = [
-        helper.make_node("Gather", ["x", "last"], ["x_last"], axis=1),  # [B, 1]
-        helper.make_node("Mul", ["x_last", "ones"], ["tiled"]),  # [B, H]
-    ]
-    if always:
-        minus = helper.make_tensor("minus", TensorProto.FLOAT, [], [-1.0])
-        zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
-        nodes += [
-            helper.make_node("Mul", ["tiled", "zero"], ["zeros"]),
-            helper.make_node("Add", ["zeros", "minus"], ["negative"]),
-            helper.make_node("Sqrt", ["negative"], ["forecast"]),
-        ]
-        initializers = [ones, last, minus, zero]
-    else:
-        nodes.append(helper.make_node("Sqrt", ["tiled"], ["forecast"]))
-        initializers = [ones, last]
-    graph = helper.make_graph(
-        nodes,
-        "nan_forecaster",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", 1])],
-        [helper.make_tensor_value_info("forecast", TensorProto.FLOAT, ["batch", 6])],
-        initializer=initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    meta = {"lookback": "24", "horizon": "6", "input_size": "1", "state_size": "8"}
-    helper.set_model_props(model, {**meta, "graph": "window", "model": "nan"})
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
 
 
 @dataclass
@@ -71,6 +33,7 @@ class Rig:
     bundles: Any
     startup_model: dict[str, Any]
     startup_ready: tuple[int, dict[str, Any]]
+    kit: ModuleType
 
     def set_state(
         self, champion: ChampionState, fallback: Literal["healthy", "missing"] = "healthy"
@@ -84,7 +47,7 @@ class Rig:
         elif champion == "missing":
             shutil.rmtree(self.champion)
         elif champion in ("nan_always", "nan_on_drop"):
-            _nan_model(self.champion / "model.onnx", always=champion == "nan_always")
+            self.kit.nan_model(self.champion / "model.onnx", always=champion == "nan_always")
         self._lay(self.fallback, self.bundles.fallback)
         if fallback == "missing":
             shutil.rmtree(self.fallback)
@@ -116,6 +79,7 @@ def rig(
         bundles=bundles,
         startup_model=server.get("/model").json(),
         startup_ready=(ready.status_code, ready.json()),
+        kit=kit,
     )
 
 

@@ -19,10 +19,16 @@ def test_environment_round_trips_through_settings(tmp_path: Path) -> None:
         "FORECASTER_API_TOKEN": "t0ken",
         "FORECASTER_MAX_PAYLOAD_BYTES": "2048",
         "FORECASTER_STATE_CACHE_SIZE": "10",
+        "FORECASTER_BATCH_MAX_ROWS": "0",
+        "FORECASTER_BATCH_MAX_WAIT_MS": "2.5",
+        "FORECASTER_CUDA_MIN_ROWS": "16",
+        "FORECASTER_INTRA_OP_THREADS": "0",
     }
     settings = ServingSettings.from_env(env)
     assert settings.source == "bundles"
     assert settings.max_payload_bytes == 2048
+    assert (settings.batch_max_rows, settings.batch_max_wait_ms) == (0, 2.5)
+    assert (settings.cuda_min_rows, settings.intra_op_threads) == (16, 0)
     assert settings.api_token is not None
     assert settings.api_token.get_secret_value() == "t0ken"
     assert ServingSettings.from_env(settings.to_env()) == settings
@@ -46,8 +52,16 @@ def test_environment_round_trips_through_settings(tmp_path: Path) -> None:
             "FORECASTER_UNKNOWN_SERIES: 'guess'",
         ),
         ({"FORECASTER_CHAMPION_BUNDLE": "a", "FORECASTER_DEVICE": "tpu"}, "FORECASTER_DEVICE"),
+        (
+            {"FORECASTER_CHAMPION_BUNDLE": "a", "FORECASTER_BATCH_MAX_ROWS": "-1"},
+            "FORECASTER_BATCH_MAX_ROWS: '-1'",
+        ),
+        (
+            {"FORECASTER_CHAMPION_BUNDLE": "a", "FORECASTER_BATCH_MAX_WAIT_MS": "500"},
+            "FORECASTER_BATCH_MAX_WAIT_MS: '500'",
+        ),
     ],
-    ids=["none", "both", "no_uri", "bad_int", "bad_policy", "bad_device"],
+    ids=["none", "both", "no_uri", "bad_int", "bad_policy", "bad_device", "rows", "wait"],
 )
 def test_bad_environment_is_a_config_error_naming_the_variable(
     env: dict[str, str], message: str
@@ -59,6 +73,13 @@ def test_bad_environment_is_a_config_error_naming_the_variable(
 def test_an_empty_token_means_no_auth() -> None:
     env = {"FORECASTER_CHAMPION_BUNDLE": "a", "FORECASTER_API_TOKEN": ""}
     assert ServingSettings.from_env(env).api_token is None
+
+
+def test_serving_defaults_batch_requests_and_use_one_ort_thread() -> None:
+    settings = ServingSettings.from_env({"FORECASTER_CHAMPION_BUNDLE": "a"})
+    assert settings.batch_max_rows == 64
+    assert settings.batch_max_wait_ms == 1.0
+    assert settings.intra_op_threads == 1
 
 
 def test_a_limit_below_its_minimum_names_the_variable() -> None:
