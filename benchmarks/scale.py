@@ -269,7 +269,7 @@ def main() -> None:
         "ray_version": package_versions(("ray",)).get("ray"),
     }
     table = [
-        "# Scale-out: preprocessing + stationarity gate (issue 9)",
+        "# Scale-out: per-series stages on local, processes and Ray; DDP training (issue 9)",
         "",
         f"{n} synthetic hourly plant series x {args.length} points (train {train}); per series: "
         "linear trend, robust STL (period 24), standard scaling, ADF + KPSS at d=0 and d=1; then "
