@@ -33,11 +33,13 @@ import numpy as np
 import numpy.typing as npt
 
 from forecaster.bundle import (
+    EMBEDDED_ARTIFACTS,
     METADATA_FILE,
     MODEL_FILE,
     PREPROCESSING_FILE,
     STATIONARITY_FILE,
     STEP_MODEL_FILE,
+    embedded_tracking_uri,
 )
 from forecaster.calibration import CALIBRATION_FILE
 from forecaster.config import Config
@@ -68,8 +70,6 @@ __all__ = [
 ]
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-EMBEDDED_DB = "mlruns.db"
-EMBEDDED_ARTIFACTS = "mlartifacts"
 CHAMPION = "champion"
 FALLBACK = "fallback"
 Alias = Literal["champion", "fallback"]
@@ -122,7 +122,7 @@ def resolve_tracking(
         return TrackingTarget(uri=env[TRACKING_URI_ENV], source="environment")
     root = Path(output_dir).resolve()
     return TrackingTarget(
-        uri=f"sqlite:///{root / EMBEDDED_DB}",
+        uri=embedded_tracking_uri(root),
         source="embedded",
         artifact_location=(root / EMBEDDED_ARTIFACTS / (experiment or "")).as_uri(),
     )

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
+from forecaster.bundle import embedded_tracking_uri
 from forecaster.config import load_config
 from forecaster.errors import ConfigError
 from serving.settings import ENV_NAMES, ServingSettings
@@ -23,8 +24,6 @@ from serving.settings import ENV_NAMES, ServingSettings
 __all__ = ["SERVICE", "serve", "server_command", "settings_for_config"]
 
 SERVICE = "serving.service:Forecaster"
-# The embedded store of `pipelines/tracking.py` (`resolve_tracking`): same file, same place.
-_EMBEDDED_DB = "mlruns.db"
 _DOWNLOADS = "serving_models"
 
 
@@ -62,7 +61,7 @@ def settings_for_config(
     else:
         output_dir = Path(config.output_dir).resolve()
         env[ENV_NAMES["model_name"]] = config.name
-        env[ENV_NAMES["tracking_uri"]] = uri or f"sqlite:///{output_dir / _EMBEDDED_DB}"
+        env[ENV_NAMES["tracking_uri"]] = uri or embedded_tracking_uri(output_dir)
         env[ENV_NAMES["download_dir"]] = str(output_dir / _DOWNLOADS)
     return ServingSettings.from_env(env)
 
