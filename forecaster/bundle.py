@@ -18,6 +18,14 @@ PREPROCESSING_FILE = "preprocessing.json"
 STATIONARITY_FILE = "stationarity.json"
 METADATA_FILE = "metadata.json"
 
+
+def find_bundle(root: Path) -> Path | None:
+    """The shallowest folder under `root` holding a `model.onnx` (a downloaded registered
+    version nests the bundle's files under MLflow's own folders); None when there is none."""
+    found = sorted(Path(root).rglob(MODEL_FILE), key=lambda p: len(p.parts))
+    return found[0].parent if found else None
+
+
 EMBEDDED_DB = "mlruns.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
 

@@ -40,6 +40,7 @@ from forecaster.bundle import (
     STATIONARITY_FILE,
     STEP_MODEL_FILE,
     embedded_tracking_uri,
+    find_bundle,
 )
 from forecaster.calibration import CALIBRATION_FILE
 from forecaster.config import Config
@@ -1046,10 +1047,10 @@ def _download(uri: str, name: str, version: str, folder: Path) -> Path:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{name}/{version}", dst_path=str(folder)
         )
-    found = sorted(Path(local).rglob(MODEL_FILE), key=lambda p: len(p.parts))
-    if not found:
+    found = find_bundle(Path(local))
+    if found is None:
         raise TrackingError(f"{name} v{version} at {uri}: no model.onnx in the registered model")
-    return found[0].parent
+    return found
 
 
 def _verify(client: Any, uri: str, name: str, version: str, candidate: LoggedCandidate) -> None:

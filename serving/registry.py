@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from forecaster.bundle import MODEL_FILE
+from forecaster.bundle import MODEL_FILE, find_bundle
 from forecaster.errors import ModelUnavailable
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def fetch_alias(tracking_uri: str, name: str, alias: str, download_dir: Path) ->
     except Exception as exc:  # MLflow, HTTP and file errors alike: this alias cannot be served
         first = (str(getattr(exc, "message", exc)).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelUnavailable(f"{where}: {first[:300]}", field=alias) from exc
-    found = sorted(target.rglob(MODEL_FILE), key=lambda p: len(p.parts))
-    if not found:
+    folder = find_bundle(target)
+    if folder is None:
         raise ModelUnavailable(f"{where}: version {version} holds no {MODEL_FILE}", field=alias)
-    return RegisteredModel(name=name, alias=alias, version=version, folder=found[0].parent)
+    return RegisteredModel(name=name, alias=alias, version=version, folder=folder)
