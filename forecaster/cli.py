@@ -427,6 +427,14 @@ def retrain(
     """Retrain unattended under the output folder's lock; see `_RETRAIN_HELP`."""
     # systemd and Kubernetes stop a job with SIGTERM: unwind, so the lock is released and the
     # MLflow run ends FAILED, and exit 143 as a plain SIGTERM death would.
+    from forecaster.training.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        _fail(
+            "retrain runs as one process (it holds the output folder's lock and moves the "
+            "registry's aliases); to train one model on several processes use "
+            "`torchrun --nproc-per-node N -m forecaster train --config C`"
+        )
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         with _user_errors():

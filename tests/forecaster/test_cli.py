@@ -208,3 +208,14 @@ def test_detect_bad_input_exits_2_naming_the_row(tmp_path: Path) -> None:
     assert "row 1" in result.output
     assert "'oops'" in result.output
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_retrain_refuses_to_run_under_torchrun(tmp_path: Path) -> None:
+    config = _config(tmp_path, _long_csv(tmp_path / "pump.csv"))
+    result = runner.invoke(
+        app, ["retrain", "--config", str(config)], env={"WORLD_SIZE": "2", "RANK": "1"}
+    )
+    assert result.exit_code == 2
+    assert "retrain runs as one process" in result.output
+    assert "-m forecaster train" in result.output
+    assert not (tmp_path / "out").exists()
