@@ -342,15 +342,9 @@ def _require_consecutive(t: npt.NDArray[np.int64], spec: SeriesTransform, series
 
 
 def _components_at(spec: SeriesTransform, t: npt.NDArray[np.int64]) -> Components:
-    trend = spec.trend
-    if trend.kind == "none":
-        trend_values = np.zeros(t.shape, dtype=np.float64)
-    else:
-        trend_values = trend.intercept + trend.slope * t.astype(np.float64)
-    seasonal = np.zeros(t.shape, dtype=np.float64)
-    for profile in spec.seasonality.profiles:
-        seasonal += np.asarray(profile.values, dtype=np.float64)[np.mod(t, profile.period)]
-    return Components(trend=trend_values, seasonal=seasonal)
+    """Trend and seasonal parts at steps `t [n]`: `TransformBatch.components` of one series."""
+    parts = TransformBatch.stack([spec]).components(t[None, :])
+    return Components(trend=parts.trend[0], seasonal=parts.seasonal[0])
 
 
 def components(
@@ -406,11 +400,9 @@ def transform(
                 field="y",
             )
         _require_consecutive(t, spec, series_id)
-    parts = _components_at(spec, t)
-    residual = values - parts.trend - parts.seasonal
-    differenced = np.diff(residual, n=d) if d else residual
-    scaled = (differenced - spec.scaling.center) / spec.scaling.scale
-    return Transformed(values=scaled, residual=residual, difference=d)
+    # The arithmetic is the batch one's, for a batch of this one series.
+    batch = transform_steps(TransformBatch.stack([spec]), values[None, :], t[None, :])
+    return Transformed(values=batch.values[0], residual=batch.residual[0], difference=d)
 
 
 def _levels(values: npt.ArrayLike | None, d: int, name: str, series_id: str) -> FloatArray:
@@ -498,12 +490,9 @@ def inverse_forecast(
         )
     if d:
         _require_consecutive(t, spec, series_id)
-    level = scaled * spec.scaling.scale + spec.scaling.center
-    # Continue each differencing level from the history's last value, innermost first.
-    for order in range(d - 1, -1, -1):
-        level = np.diff(tail, n=order)[-1] + np.cumsum(level)
-    parts = _components_at(spec, t)
-    return level + parts.trend + parts.seasonal
+    # The arithmetic is the batch one's, for a batch of this one series.
+    one = TransformBatch.stack([spec])
+    return inverse_forecast_steps(one, scaled[None, :], t[None, :], tail[None, :])[0]
 
 
 def future_timestamps(
@@ -531,9 +520,10 @@ def shape_key(spec: SeriesTransform) -> tuple[int, bool, tuple[int, ...]]:
 class TransformBatch:
     """The transforms of `N` same-shaped series (`shape_key`) stacked as arrays.
 
-    `transform_steps` and `inverse_forecast_steps` give, row by row, exactly (bit for bit) what
-    `transform` and `inverse_forecast` give series by series; they skip the per-series checks
-    of timestamps and values, which the caller has made.
+    `transform_steps` and `inverse_forecast_steps` hold the arithmetic of `transform` and
+    `inverse_forecast` (which call them for a batch of one), so row by row they give exactly what
+    those give series by series; they skip the per-series checks of timestamps and values, which
+    the caller has made.
     """
 
     difference: int
@@ -583,7 +573,7 @@ class TransformBatch:
         )
 
     def components(self, t: npt.NDArray[np.int64]) -> Components:
-        """Trend and seasonal parts `[N, n]` at steps `t [N, n]` (`_components_at`, row-wise)."""
+        """Trend and seasonal parts `[N, n]` at steps `t [N, n]`."""
         if self.intercept is None or self.slope is None:
             trend = np.zeros(t.shape, dtype=np.float64)
         else:
@@ -660,6 +650,7 @@ def inverse_forecast_steps(
             f"last_levels: shape {tail.shape} is not ({batch.size}, {d})", field="last_levels"
         )
     level = scaled * batch.scale + batch.center
+    # Continue each differencing level from the history's last value, innermost first.
     for order in range(d - 1, -1, -1):
         level = np.diff(tail, n=order, axis=1)[:, -1:] + np.cumsum(level, axis=1)
     parts = batch.components(t)
