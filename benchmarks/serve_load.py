@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,9 +232,11 @@ async def _stream(
     }
 
 
-def _start(
+@contextlib.contextmanager
+def _serving(
     bundle: Path, port: int, log: Path, extra: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
+) -> Iterator[None]:
+    """A `bentoml serve` of `bundle` on `port` for the block, ready when the block starts."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORECASTER_")}
     env.update({"FORECASTER_CHAMPION_BUNDLE": str(bundle), "FORECASTER_DEVICE": "cpu"})
     env.update(extra or {})
@@ -245,15 +248,23 @@ def _start(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return process
-        except httpx.TransportError:
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not become ready; see {log}")
             time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGTERM)
-    raise RuntimeError(f"server did not become ready; see {log}")
+        yield
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def _table(record: dict[str, Any]) -> str:
@@ -327,10 +338,9 @@ def main() -> None:
         folder = Path(tmp)
         print("training the benchmark model …")
         bundle, history = _train(args.workdir or folder)
-        process = _start(bundle, args.port, folder / "server.log", server_env)
         url = f"http://127.0.0.1:{args.port}/forecast"
         rows = []
-        try:
+        with _serving(bundle, args.port, folder / "server.log", server_env):
             ids = sorted(history)
             for batch in args.batches:
                 payload = _payload(history, ids[:batch])
@@ -347,19 +357,12 @@ def main() -> None:
                 full = asyncio.run(_stream(url, history, 8, args.duration, incremental=False))
                 streaming.append(full)
                 print(full)
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
         if not args.skip_streaming:
             cache = {**server_env, "FORECASTER_STATE_CACHE_SIZE": "1000"}
-            process = _start(bundle, args.port, folder / "server_state.log", cache)
-            try:
+            with _serving(bundle, args.port, folder / "server_state.log", cache):
                 incremental = asyncio.run(_stream(url, history, 8, args.duration, incremental=True))
                 streaming.append(incremental)
                 print(incremental)
-            finally:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
     record = {
         "duration_s": args.duration,
         "model": {
