@@ -427,7 +427,7 @@ def retrain(
     """Retrain unattended under the output folder's lock; see `_RETRAIN_HELP`."""
     # systemd and Kubernetes stop a job with SIGTERM: unwind, so the lock is released and the
     # MLflow run ends FAILED, and exit 143 as a plain SIGTERM death would.
-    from forecaster.training.distributed import launched_by_torchrun
+    from forecaster.training import launched_by_torchrun  # torch-free: retrain may not need torch
 
     if launched_by_torchrun():
         _fail(

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from forecaster.errors import ConfigError
+from forecaster.training import launched_by_torchrun
 
 __all__ = [
     "Distributed",
@@ -89,11 +90,6 @@ def current() -> Distributed:
         world_size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
-
-
-def launched_by_torchrun() -> bool:
-    """Whether the environment describes a multi-process group (`torchrun` sets these)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
 def init_from_env(device: str = "auto") -> Distributed:
