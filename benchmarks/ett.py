@@ -142,6 +142,7 @@ def build_config(
 ) -> Any:
     """A config in the shape of configs/etth1.yaml for one run."""
     kind, freq = DATASETS[dataset]
+    method, feedback = split_method(method)
     train: dict[str, Any] = {
         "method": method,
         "epochs": options["epochs"],
@@ -151,6 +152,8 @@ def build_config(
         "device": options["device"],
         "deterministic": True,
     }
+    if feedback:
+        train["feedback"] = feedback
     if options["max_windows"]:
         train["max_windows"] = options["max_windows"]
     raw = {
@@ -173,6 +176,38 @@ def build_config(
         "train": train,
     }
     return parse_config(raw, source=f"<ett {raw['name']}>")
+
+
+def split_method(label: str) -> tuple[str, dict[str, Any]]:
+    """A `--methods` label -> (train.method, train.feedback overrides).
+
+    `feedback-matrix+c2` -> (`feedback`, {kind: jacobian_matrix, corrections: 2}): the
+    non-diagonal mean-Jacobian feedback with 2 Jacobian correction sweeps.
+    """
+    if not label.startswith("feedback"):
+        return label, {}
+    rest = label.removeprefix("feedback")
+    feedback: dict[str, Any] = {}
+    if rest.startswith("-matrix"):
+        feedback["kind"] = "jacobian_matrix"
+        rest = rest.removeprefix("-matrix")
+    if rest.startswith("+c"):
+        feedback["corrections"] = int(rest.removeprefix("+c"))
+    return "feedback", feedback
+
+
+def method_label(label: str) -> str:
+    """argparse type of `--methods`: `bptt`, or `feedback[-matrix][+cK]` (K ≥ 1)."""
+    rest = label.removeprefix("feedback").removeprefix("-matrix")
+    suffix = rest.removeprefix("+c")
+    if label == "bptt" or (
+        label.startswith("feedback")
+        and (rest == "" or (suffix != rest and suffix.isdigit() and int(suffix) > 0))
+    ):
+        return label
+    raise argparse.ArgumentTypeError(
+        f"{label!r} is not 'bptt' or 'feedback[-matrix][+cK]' (K a positive integer)"
+    )
 
 
 def run_key(run: dict[str, Any]) -> tuple[Any, ...]:
@@ -237,14 +272,15 @@ def targets(rows: list[dict[str, Any]], baselines: dict[str, Any]) -> dict[str, 
         (r["dataset"], r["horizon"], r["model"], r["method"], r.get("lookback")): r for r in rows
     }
     for (dataset, horizon, model, method, lookback), row in index.items():
-        if method != "feedback":
+        if not method.startswith("feedback"):
             continue
         bptt = index.get((dataset, horizon, model, "bptt", lookback))
         if bptt is None:
             continue
         ratio = row["test_mse_mean"] / bptt["test_mse_mean"]
         at = f"/L{lookback}" if lookback else ""
-        out["feedback_within_3pct_of_bptt"][f"{dataset}/H{horizon}/{model}{at}"] = {
+        variant = method.removeprefix("feedback")
+        out["feedback_within_3pct_of_bptt"][f"{dataset}/H{horizon}/{model}{variant}{at}"] = {
             "feedback": round(row["test_mse_mean"], 5),
             "bptt": round(bptt["test_mse_mean"], 5),
             "ratio": round(ratio, 4),
@@ -381,7 +417,7 @@ def run_task(task: dict[str, Any], options: dict[str, Any], work: Path) -> dict[
     t0 = time.perf_counter()
     outcome = run_training(
         config,
-        method=method,
+        method=split_method(method)[0],
         out_dir=out_dir,
         resume=False,
         prepared=_PREPARED[(dataset, horizon, lookback)],
@@ -411,7 +447,12 @@ def main() -> None:
     parser.add_argument("--horizons", nargs="+", type=int, default=list(HORIZONS))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument(
-        "--methods", nargs="+", default=["feedback", "bptt"], choices=["feedback", "bptt"]
+        "--methods",
+        nargs="+",
+        default=["feedback", "bptt"],
+        type=method_label,
+        help="bptt, or feedback[-matrix][+cK]: the diagonal (or -matrix: mean-Jacobian matrix) "
+        "fixed feedback, with K Jacobian correction sweeps",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
@@ -496,7 +537,7 @@ def main() -> None:
                 for model, method, lookback in itertools.product(
                     args.models, args.methods, lookbacks
                 ):
-                    if method == "feedback" and model not in FEEDBACK_MODELS:
+                    if method.startswith("feedback") and model not in FEEDBACK_MODELS:
                         continue
                     key_run = {
                         "dataset": dataset,

@@ -155,11 +155,15 @@ class FeedbackConfig(_Section):
     """The fixed state feedback d of fixed-feedback training (ALGORITHMS.md §5.3) and the
     model-side checks of its assumption (§5.5 checks 2-4)."""
 
-    kind: Literal["jacobian_mean", "constant", "ssm_grid"] = "jacobian_mean"
+    # jacobian_matrix: the whole mean Jacobian as a non-diagonal fixed feedback M [S, S].
+    kind: Literal["jacobian_mean", "constant", "ssm_grid", "jacobian_matrix"] = "jacobian_mean"
     value: float = Field(0.9, gt=-1, lt=1, description="d for kind 'constant'")
     rho_max: float = Field(0.999, gt=0, lt=1, description="clip of |d_u|")
     refresh_every: int = Field(1, ge=1, description="epochs between estimates of d")
     estimate_batches: int = Field(4, ge=1)
+    corrections: int = Field(
+        0, ge=0, description="Jacobian correction sweeps of the feedback's backward (0: none)"
+    )
     # The model-side gate (ALGORITHMS.md §5.5 checks 2-4; forecaster/training/gate.py).
     gate: bool = Field(True, description="check the fixed-feedback assumption on the model")
     gate_batches: int = Field(4, ge=1, description="validation batches K of the model gate")

@@ -37,11 +37,16 @@ __all__ = [
     "LossFn",
     "ScanMethod",
     "batched_cell_backward",
+    "corrected_deltas",
     "estimate_feedback",
     "feedback_gradients",
     "jacobian_diagonal",
+    "jacobian_mean_matrix",
     "jacobian_profile",
     "reverse_scan",
+    "reverse_scan_matrix",
+    "spectral_radius",
+    "state_vector_jacobian",
     "states_no_grad",
 ]
 
@@ -190,6 +195,33 @@ def _scan_fft(g: Tensor, d: Tensor) -> Tensor:
     spectrum = spectrum * torch.fft.rfft(kernel, n=2 * steps, dim=0)
     out = torch.fft.irfft(spectrum, n=2 * steps, dim=-2)[..., :steps, :]  # [..., T, S]
     return out.flip(-2)
+
+
+def reverse_scan_matrix(G: Tensor, M: Tensor) -> Tensor:
+    """The reverse recursion of a non-diagonal fixed feedback `δ_t = g_t + Mᵀ δ_{t+1}` (§5.2).
+
+    T sequential `[B, S] × [S, S]` products over a time-major copy (row vectors: `δ_{t+1} M`).
+    Half precision is scanned in float32 and cast back.
+
+    Args:
+        G: direct gradients `[B, T, S]`.
+        M: the fixed feedback `[S, S]` (`M[i, j] ≈ ∂s_{t+1}[i]/∂s_t[j]`).
+    """
+    if G.dim() != 3 or M.shape != (G.shape[-1], G.shape[-1]):
+        raise ModelError(
+            f"M: shape {tuple(M.shape)} is not [S, S] for G {tuple(G.shape)} = [B, T, S]",
+            field="d",
+        )
+    dtype = _scan_dtype(G.dtype)
+    g = G.to(dtype).transpose(0, 1)  # [T, B, S]
+    m = M.to(device=G.device, dtype=dtype)
+    out = torch.empty_like(g)
+    acc = g[-1]
+    out[-1] = acc
+    for t in range(g.shape[0] - 2, -1, -1):
+        acc = torch.addmm(g[t], acc, m)  # g_t + δ_{t+1} M
+        out[t] = acc
+    return out.transpose(0, 1).to(G.dtype)
 
 
 def reverse_scan(
@@ -433,16 +465,81 @@ def jacobian_profile(
     return total / count
 
 
+def jacobian_mean_matrix(
+    model: RecurrentForecaster,
+    batches: Iterable[Tensor | Sequence[Tensor]],
+    *,
+    max_batches: int | None = None,
+    max_rows: int | None = None,
+) -> Tensor:
+    """The mean over visited steps of the full state Jacobian `E[∂s_t/∂s_{t−1}]`: `[S, S]`.
+
+    Exact per-step Jacobians (`torch.func.vmap(jacrev(recur))`) at up to `max_rows` steps spread
+    evenly over the windows of the first `max_batches` batches (states from a zero state), in
+    blocks bounded like `jacobian_diagonal`'s. Its diagonal is the `jacobian_mean` feedback.
+    `max_rows` None: 4096 steps, fewer for wide states (`2^26 / S²`, at least 512), so that a
+    refresh costs about as much as one training step at S = 256.
+
+    Returns:
+        `[S, S]` float64 on the model's device, detached; row `i` holds `∂s_t[i]/∂s_{t−1}`.
+
+    Raises:
+        ModelError: no batch.
+    """
+    reference = model.head.weight
+    width = model.state_size
+    inputs: list[Tensor] = []
+    previous: list[Tensor] = []
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        x = _batch_inputs(batch).to(device=reference.device, dtype=reference.dtype)
+        with torch.no_grad():
+            s_prev = states_no_grad(model, x)[:, :-1]  # [B, T, S]
+            a = model.project_inputs(x)  # [B, T, P]
+        inputs.append(a.reshape(-1, a.shape[-1]))
+        previous.append(s_prev.reshape(-1, width))
+    if not inputs:
+        raise ModelError(
+            "batches: no input window to estimate the Jacobian matrix from", field="batches"
+        )
+    a, s = torch.cat(inputs), torch.cat(previous)  # [N, P], [N, S]
+    if max_rows is None:
+        max_rows = max(512, min(4096, (1 << 26) // (width * width)))
+    pick = torch.linspace(0, s.shape[0] - 1, min(max_rows, s.shape[0]), device=s.device)
+    pick = pick.round().long().unique()
+    a, s = a[pick], s[pick]
+
+    def one_step(a_i: Tensor, s_i: Tensor) -> Tensor:
+        return model.recur(a_i.unsqueeze(0), s_i.unsqueeze(0)).squeeze(0)  # [S]
+
+    jacobian = torch.func.vmap(torch.func.jacrev(one_step, argnums=1))
+    rows = max(1, _JACOBIAN_BLOCK_ELEMENTS // (width * width))
+    total = torch.zeros(width, width, dtype=torch.float64, device=s.device)
+    with torch.no_grad():
+        for i in range(0, s.shape[0], rows):
+            total += jacobian(a[i : i + rows], s[i : i + rows]).to(torch.float64).sum(dim=0)
+    return total / s.shape[0]
+
+
+def spectral_radius(matrix: Tensor) -> float:
+    """`max |λ|` over the eigenvalues of a square matrix (float64 on the CPU)."""
+    return float(torch.linalg.eigvals(matrix.detach().to("cpu", torch.float64)).abs().max())
+
+
 @dataclass(frozen=True, eq=False)
 class FeedbackEstimate:
     """A fixed feedback `d` and how it was obtained (ALGORITHMS.md §5.3, §5.5 check 2).
 
     Attributes:
-        d: the feedback `[S]`, clipped to `[−ρ_max, ρ_max]`, on the model's device and dtype.
-        spectral_radius: `max_u |d_u|` after the clip (< 1: the backward system is stable).
-        unclipped_spectral_radius: `max_u |d_u|` before the clip (> 1: expanding dynamics, BPTT
+        d: the feedback `[S]`, clipped to `[−ρ_max, ρ_max]` — or for `jacobian_matrix` the
+            matrix `M [S, S]` scaled down to spectral radius `ρ_max` when above it — on the
+            model's device and dtype.
+        spectral_radius: `max_u |d_u|` (`max |λ(M)|`) after the clip (< 1: the backward system
+            is stable).
+        unclipped_spectral_radius: the same before the clip (> 1: expanding dynamics, BPTT
             gradients would explode too).
-        kind: `constant`, `ssm_grid` or `jacobian_mean`.
+        kind: `constant`, `ssm_grid`, `jacobian_mean` or `jacobian_matrix`.
         seconds: wall time of the estimate.
     """
 
@@ -473,8 +570,10 @@ def estimate_feedback(
     - `ssm_grid`: `d_u = exp(−1/τ_u)`, `τ_u` log-spaced in `[1, T]` (T from the first batch).
     - `jacobian_mean`: the mean over batch and time of the exact Jacobian diagonal at the states
       visited on the first `config.estimate_batches` batches (`jacobian_diagonal`, method auto).
+    - `jacobian_matrix`: the whole mean Jacobian `M [S, S]` on the same steps
+      (`jacobian_mean_matrix`): a non-diagonal fixed feedback, `δ_t = g_t + Mᵀ δ_{t+1}` (§5.2).
 
-    Then `d` is clipped to `[−rho_max, rho_max]`.
+    Then `d` is clipped to `[−rho_max, rho_max]` (M is scaled to spectral radius `rho_max`).
 
     Args:
         model: the forecaster (must support feedback).
@@ -501,6 +600,17 @@ def estimate_feedback(
         steps = _batch_inputs(first).shape[1]
         tau = torch.logspace(0.0, math.log10(max(steps, 1)), width, dtype=torch.float64)
         raw = torch.exp(-1.0 / tau)  # [S]
+    elif config.kind == "jacobian_matrix":
+        raw = jacobian_mean_matrix(model, batches, max_batches=config.estimate_batches).cpu()
+        unclipped = spectral_radius(raw)
+        d = raw * (config.rho_max / unclipped) if unclipped > config.rho_max else raw
+        return FeedbackEstimate(
+            d=d.to(device=reference.device, dtype=reference.dtype),
+            spectral_radius=min(unclipped, config.rho_max),
+            unclipped_spectral_radius=unclipped,
+            kind=config.kind,
+            seconds=time.perf_counter() - start,
+        )
     else:
         # Every window has the same T, so the mean over time of the per-step means is the mean
         # over batch and time.
@@ -666,22 +776,120 @@ def batched_cell_backward(
                 f"{name}: shape {tuple(value.shape)} is not [B, T, S] = {(batch, steps, width)}",
                 field=name,
             )
+    x_tm = x.transpose(0, 1)  # [T, B, d]: time blocks are contiguous slices of time-major data
+    s_tm = s_prev.detach().transpose(0, 1)  # [T, B, S]
+    d_tm = delta.transpose(0, 1)  # [T, B, S]
+    for steps_block in _time_blocks(model, x, block_rows):
+        a = model.project_inputs(x_tm[steps_block].reshape(-1, x.shape[-1]))  # [rows, P]
+        s_hat = model.recur(a, s_tm[steps_block].reshape(-1, width))  # [rows, S]
+        s_hat.backward(d_tm[steps_block].reshape(-1, width).to(s_hat.dtype))
+
+
+def _time_blocks(model: RecurrentForecaster, x: Tensor, block_rows: int | None) -> list[slice]:
+    """Slices of whole time steps holding about `block_rows` rows each (cache-sized on CPU)."""
     if block_rows is not None and (
         isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1
     ):
         raise ModelError(
             f"block_rows: {block_rows!r} is not a positive integer", field="block_rows"
         )
+    batch, steps = x.shape[0], x.shape[1]
     rows = _default_block_rows(model, x) if block_rows is None else block_rows
     block = max(1, min(steps, rows // batch))  # time steps per block
-    x_tm = x.transpose(0, 1)  # [T, B, d]: time blocks are contiguous slices of time-major data
+    return [slice(start, min(start + block, steps)) for start in range(0, steps, block)]
+
+
+def state_vector_jacobian(
+    model: RecurrentForecaster,
+    x: Tensor,
+    s_prev: Tensor,
+    v: Tensor,
+    *,
+    block_rows: int | None = None,
+) -> Tensor:
+    """`u_t = J_tᵀ v_t` at every step, `J_t = ∂s_t/∂s_{t−1}` at `(x_t, s_{t−1})`: `[B, T, S]`.
+
+    All steps at once, in the blocks of `batched_cell_backward` (the previous states are known,
+    so the products are independent); the parameters' `.grad` are left untouched.
+    """
+    width = model.state_size
+    x_tm = x.transpose(0, 1)  # [T, B, d]
     s_tm = s_prev.detach().transpose(0, 1)  # [T, B, S]
-    d_tm = delta.transpose(0, 1)  # [T, B, S]
-    for start in range(0, steps, block):
-        stop = min(start + block, steps)
-        a = model.project_inputs(x_tm[start:stop].reshape(-1, x.shape[-1]))  # [rows, P]
-        s_hat = model.recur(a, s_tm[start:stop].reshape(-1, width))  # [rows, S]
-        s_hat.backward(d_tm[start:stop].reshape(-1, width).to(s_hat.dtype))
+    v_tm = v.transpose(0, 1)  # [T, B, S]
+    out = torch.empty_like(s_tm)  # [T, B, S]
+    for steps_block in _time_blocks(model, x, block_rows):
+        with torch.no_grad():
+            a = model.project_inputs(x_tm[steps_block].reshape(-1, x.shape[-1]))  # [rows, P]
+        with torch.enable_grad():
+            s_in = s_tm[steps_block].reshape(-1, width).requires_grad_(True)  # [rows, S]
+            s_hat = model.recur(a, s_in)  # [rows, S]
+            (u,) = torch.autograd.grad(
+                s_hat, s_in, v_tm[steps_block].reshape(-1, width).to(s_hat.dtype)
+            )
+        out[steps_block] = u.reshape(out[steps_block].shape).to(out.dtype)
+    return out.transpose(0, 1)  # [B, T, S]
+
+
+def _check_corrections(sweeps: object) -> None:
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise ModelError(
+            f"corrections: {sweeps!r} is not a non-negative integer", field="corrections"
+        )
+
+
+def corrected_deltas(
+    model: RecurrentForecaster,
+    x: Tensor,
+    s_prev: Tensor,
+    direct: Tensor,
+    d: Tensor,
+    sweeps: int,
+    *,
+    scan: ScanMethod = "chunked",
+    block_rows: int | None = None,
+) -> Tensor:
+    """`δ` of the fixed feedback improved by `sweeps` Jacobian corrections (ours, §5.2 [O]).
+
+    The exact recursion `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}` splits into the fixed diagonal and the
+    rest: `δ_t = [g_t + (J_{t+1}ᵀ − D) δ_{t+1}] + d ⊙ δ_{t+1}`. Sweep k evaluates the bracket
+    with the previous `δ^{(k)}` — one batched vector–Jacobian product over all `B·T` steps on
+    the stored states, parallel in time like the re-evaluation — and scans again with `d`:
+    `δ^{(k+1)} = scan(g + shift((Jᵀ − D) δ^{(k)}), d)`, `δ^{(0)} = scan(g, d)`. Sweep k makes
+    the first k steps of every path through time exact (the off-diagonal Jacobian terms the
+    diagonal drops: SCRN's context → hidden, LMN's memory mixing, a gate's cross-unit terms),
+    so `δ^{(T−1)}` is BPTT's `δ`; one or two sweeps already recover most of the difference.
+
+    Args:
+        model, x, s_prev: as `batched_cell_backward`.
+        direct: the head's direct gradients `g [B, T, S]`.
+        d: the fixed feedback `[S]`, a time-varying one of `direct`'s shape (`reverse_scan`)
+            or a matrix `M [S, S]` (`reverse_scan_matrix`).
+        sweeps: number of corrections (0: the plain fixed-feedback `δ`).
+        scan, block_rows: as `feedback_gradients`.
+    """
+    _check_corrections(sweeps)
+    matrix = _is_matrix(d, direct)
+
+    def scan_with_d(g: Tensor) -> Tensor:
+        return reverse_scan_matrix(g, d) if matrix else reverse_scan(g, d, method=scan)
+
+    delta = scan_with_d(direct)  # [B, T, S]
+    for _ in range(sweeps):
+        u = state_vector_jacobian(model, x, s_prev, delta, block_rows=block_rows)  # J_tᵀ δ_t
+        ahead = delta[..., 1:, :]  # δ_{t+1}
+        if matrix:
+            fixed = ahead @ d.to(ahead.dtype)  # Mᵀ δ_{t+1} as rows
+        else:
+            fixed = (d[..., :-1, :] if d.dim() > 1 else d) * ahead  # d[..., t, :] ⊙ δ_{t+1}
+        rest = torch.zeros_like(direct)
+        rest[..., :-1, :] = u[..., 1:, :] - fixed
+        delta = scan_with_d(direct + rest)
+    return delta
+
+
+def _is_matrix(d: Tensor, G: Tensor) -> bool:
+    """`d` is a non-diagonal feedback `M [S, S]` (a time-varying diagonal is `[B, T, S]`)."""
+    return d.dim() == 2 and G.dim() == 3 and d.shape == (G.shape[-1], G.shape[-1])
 
 
 def feedback_gradients(
@@ -695,6 +903,7 @@ def feedback_gradients(
     s0: Tensor | None = None,
     scan: ScanMethod = "chunked",
     block_rows: int | None = None,
+    corrections: int = 0,
 ) -> Tensor:
     """Fixed-feedback gradients of one batch into the parameters' `.grad` (ALGORITHMS.md §5.2).
 
@@ -712,10 +921,13 @@ def feedback_gradients(
         target: forking-sequence targets `[B, T, H]`.
         mask: validity `[B, T, H]` or None.
         loss_fn: `(pred, target, mask) -> scalar`, e.g. `ForecastLoss` (float32 at least).
-        d: the fixed feedback `[S]` (or time-varying `[B, T, S]`, see `reverse_scan`).
+        d: the fixed feedback `[S]` (or time-varying `[B, T, S]`, see `reverse_scan`; or a
+            non-diagonal `M [S, S]`, see `reverse_scan_matrix`).
         s0: initial state `[B, S]` (zeros when None); no gradient flows into it.
         scan: the `reverse_scan` method.
         block_rows: rows per block of the batched re-evaluation (see `batched_cell_backward`).
+        corrections: Jacobian correction sweeps of `δ` (`corrected_deltas`; 0: the paper's
+            fixed feedback alone).
 
     Returns:
         The loss, detached.
@@ -725,11 +937,13 @@ def feedback_gradients(
     """
     _require_feedback(model)
     _check_window(model, x, s0)
-    expected = (model.state_size,), (x.shape[0], x.shape[1], model.state_size)
+    _check_corrections(corrections)
+    width = model.state_size
+    expected = (width,), (x.shape[0], x.shape[1], width), (width, width)
     if d.shape not in expected:  # refuse before any gradient is accumulated
         raise ModelError(
-            f"d: shape {tuple(d.shape)} is neither [S] = {expected[0]} nor [B, T, S] = "
-            f"{expected[1]}",
+            f"d: shape {tuple(d.shape)} is neither [S] = {expected[0]}, [B, T, S] = "
+            f"{expected[1]} nor [S, S] = {expected[2]}",
             field="d",
         )
     states = states_no_grad(model, x, s0)  # [B, T+1, S]
@@ -738,7 +952,9 @@ def feedback_gradients(
     loss.backward()
     direct = s_leaf.grad if s_leaf.grad is not None else torch.zeros_like(s_leaf)  # G [B, T, S]
     del s_leaf
-    delta = reverse_scan(direct, d, method=scan)  # [B, T, S]
+    delta = corrected_deltas(
+        model, x, states[:, :-1], direct, d, corrections, scan=scan, block_rows=block_rows
+    )  # [B, T, S]
     del direct
     batched_cell_backward(model, x, states[:, :-1], delta, block_rows=block_rows)
     return loss.detach()

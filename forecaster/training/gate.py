@@ -5,7 +5,8 @@ The data-side gate (check 1, ADF + KPSS) runs on the residuals before training
 
 2. **Feedback stability**: `max_u |d_u|` of the Jacobian-mean feedback on the gate's batches
    before the `rho_max` clip (whatever feedback kind is configured: it measures the model's
-   dynamics); above 1 the state dynamics expand (BPTT gradients would explode too).
+   dynamics; with `jacobian_matrix`, the spectral radius of the mean Jacobian matrix); above 1
+   the state dynamics expand (BPTT gradients would explode too).
 3. **Jacobian stationarity**: per unit, the coefficient of variation over time of the
    batch-averaged Jacobian diagonal `diag(J_t)` (`jacobian_profile`); its median over units.
 4. **Gradient agreement**: the feedback gradient and the BPTT gradient of the same loss at the
@@ -35,7 +36,12 @@ from torch import Tensor
 from forecaster.config import FeedbackConfig
 from forecaster.errors import ModelError
 from forecaster.models.base import RecurrentForecaster
-from forecaster.training.feedback import LossFn, jacobian_profile
+from forecaster.training.feedback import (
+    LossFn,
+    jacobian_mean_matrix,
+    jacobian_profile,
+    spectral_radius,
+)
 from forecaster.training.gradients import compute_gradients
 from forecaster.training.windows import ForkingWindows, WindowBatch
 
@@ -149,11 +155,12 @@ def _gradient(
     batch: tuple[Tensor, Tensor, Tensor],
     loss_fn: LossFn,
     d: Tensor | None,
+    corrections: int = 0,
 ) -> Tensor:
     """The recurrent parameters' gradient of the loss on `batch`, flattened to float64 `[P]`."""
     x, target, mask = batch
     model.zero_grad(set_to_none=True)
-    compute_gradients(method, model, x, target, mask, loss_fn, d=d)
+    compute_gradients(method, model, x, target, mask, loss_fn, d=d, corrections=corrections)
     head = {id(p) for p in model.head.parameters()}
     parts = [
         (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
@@ -223,9 +230,12 @@ def run_model_gate(
     try:
         profile = jacobian_profile(model, [joined[0]])  # [T, S]
         cv = jacobian_cv(profile)
-        radius = float(profile.mean(dim=0).abs().max())
+        if config.kind == "jacobian_matrix":
+            radius = spectral_radius(jacobian_mean_matrix(model, [joined[0]]))
+        else:
+            radius = float(profile.mean(dim=0).abs().max())
         g_bptt = _gradient(model, "bptt", joined, loss_fn, None)
-        g_feedback = _gradient(model, "feedback", joined, loss_fn, d)
+        g_feedback = _gradient(model, "feedback", joined, loss_fn, d, config.corrections)
     finally:
         model.train(was_training)
     cosine, ratio = _gradient_agreement(g_feedback, g_bptt)

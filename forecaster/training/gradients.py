@@ -123,6 +123,7 @@ def compute_gradients(
     truncation: int = 32,
     s0: Tensor | None = None,
     scan: ScanMethod = "chunked",
+    corrections: int = 0,
 ) -> Tensor:
     """Gradients of one batch by `method` into `.grad`; returns the detached loss.
 
@@ -136,6 +137,7 @@ def compute_gradients(
         truncation: segment length for `tbptt`.
         s0: initial state `[B, S]` (zeros when None).
         scan: reverse-scan method for `feedback`.
+        corrections: Jacobian correction sweeps of `feedback` (`corrected_deltas`).
 
     Raises:
         ModelError: unknown method; `feedback` without `d` or for a model without feedback
@@ -151,7 +153,9 @@ def compute_gradients(
                 "d: method 'feedback' needs the fixed feedback d [S] (see estimate_feedback)",
                 field="d",
             )
-        return feedback_gradients(model, x, target, mask, loss_fn, d, s0=s0, scan=scan)
+        return feedback_gradients(
+            model, x, target, mask, loss_fn, d, s0=s0, scan=scan, corrections=corrections
+        )
     raise ModelError(
         f"train.method: {method!r} is not one of {list(GRADIENT_METHODS)}", field="method"
     )

@@ -576,6 +576,7 @@ class _Run:
                 self.loss_fn,
                 d=self.d,
                 truncation=self.config.truncation,
+                corrections=self.config.feedback.corrections,
             )
         ddp.average_gradients(self.model, self.group)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)

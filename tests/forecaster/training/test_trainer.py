@@ -217,6 +217,41 @@ def test_feedback_is_refreshed_every_refresh_every_epochs() -> None:
     assert refreshed == [True, False, True]
 
 
+@pytest.mark.parametrize("name", ["lmn", "scrn"])
+def test_matrix_feedback_with_corrections_trains_and_resumes_to_the_same_weights(
+    name: str, tmp_path: Path
+) -> None:
+    """`jacobian_matrix` + correction sweeps through the whole trainer: it learns, records the
+    matrix's spectral radius, keeps `M [S, S]`, and a resumed run ends where an uninterrupted
+    one does (the matrix comes back from the checkpoint)."""
+    train_w, val_w = _windows()
+    feedback = FeedbackConfig(kind="jacobian_matrix", corrections=1, refresh_every=2)
+    config = _config(method="feedback", epochs=3, max_windows=64, lr=2e-2, feedback=feedback)
+    model = _model(name)
+    result = train(model, train_w, val_w, config, seed=1)
+    history = result.history
+    assert history.method == "feedback"
+    assert history.best_val_loss < 0.8 * history.evaluations[0].val_loss, history.val_losses
+    assert result.feedback is not None
+    assert result.feedback.d.shape == (model.state_size, model.state_size)
+    assert result.feedback.kind == "jacobian_matrix"
+    radii = [r.spectral_radius for r in history.epochs if r.feedback_seconds is not None]
+    assert len(radii) == 2
+    assert all(r is not None and 0 < r < 1 for r in radii)
+    first = _model(name)
+    train(
+        first,
+        train_w,
+        val_w,
+        config.model_copy(update={"epochs": 2}),
+        seed=1,
+        checkpoint_dir=tmp_path,
+    )
+    resumed = train(first, train_w, val_w, config, seed=1, checkpoint_dir=tmp_path, resume=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
 def test_model_without_feedback_support_trains_with_bptt_and_says_why(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
