@@ -157,7 +157,7 @@ def build_config(
     if options["max_windows"]:
         train["max_windows"] = options["max_windows"]
     raw = {
-        "name": f"{dataset}_{horizon}_{model}_{method}_s{seed}",
+        "name": f"{dataset}_{horizon}_{model}_{method}_s{seed}".replace("+", "-"),
         "seed": seed,
         "output_dir": str(out_dir),
         "data": {
@@ -172,10 +172,30 @@ def build_config(
         "window": {"lookback": options["lookback"], "horizon": horizon},
         "preprocess": {"trend": "none", "seasonality": "none", "scaling": "standard"},
         "stationarity": {"alpha": 0.05, "remedy": "difference", "d_max": 1},
-        "model": {"name": model, "hidden_size": options["hidden"]},
+        "model": {
+            "name": split_model(model)[0],
+            "hidden_size": options["hidden"],
+            "linear_lags": split_model(model)[1],
+        },
         "train": train,
     }
     return parse_config(raw, source=f"<ett {raw['name']}>")
+
+
+def split_model(label: str) -> tuple[str, int]:
+    """A `--models` label -> (model.name, model.linear_lags): `scrn+lin336` -> (`scrn`, 336)."""
+    name, _, lags = label.partition("+lin")
+    return name, int(lags) if lags else 0
+
+
+def model_label(label: str) -> str:
+    """argparse type of `--models`: a model name, optionally `+linK` (a K-input linear readout)."""
+    name, _, lags = label.partition("+lin")
+    if name in MODELS and (not lags or (lags.isdigit() and int(lags) > 0)):
+        return label
+    raise argparse.ArgumentTypeError(
+        f"{label!r} is not one of {list(MODELS)}, optionally with '+linK' (K a positive integer)"
+    )
 
 
 def split_method(label: str) -> tuple[str, dict[str, Any]]:
@@ -445,7 +465,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--horizons", nargs="+", type=int, default=list(HORIZONS))
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        type=model_label,
+        help=f"{', '.join(MODELS)}; 'scrn+lin336': with a linear readout of the last 336 inputs",
+    )
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -537,7 +563,10 @@ def main() -> None:
                 for model, method, lookback in itertools.product(
                     args.models, args.methods, lookbacks
                 ):
-                    if method.startswith("feedback") and model not in FEEDBACK_MODELS:
+                    if (
+                        method.startswith("feedback")
+                        and split_model(model)[0] not in FEEDBACK_MODELS
+                    ):
                         continue
                     key_run = {
                         "dataset": dataset,

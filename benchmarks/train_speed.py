@@ -72,19 +72,29 @@ def make_case(
     x = torch.randn(BATCH, steps, 1, generator=gen).to(device)
     y = torch.randn(BATCH, steps, HORIZON, generator=gen).to(device)
     mask = torch.ones(BATCH, steps, HORIZON, device=device)
-    d = None
+    d = d_matrix = None
     if model.supports_feedback:
         d = estimate_feedback(model, [x], FeedbackConfig(kind="jacobian_mean")).d
-    return {"model": model, "x": x, "y": y, "mask": mask, "loss": ForecastLoss(), "d": d}
+        d_matrix = estimate_feedback(model, [x], FeedbackConfig(kind="jacobian_matrix")).d
+    return {
+        "model": model,
+        "x": x,
+        "y": y,
+        "mask": mask,
+        "loss": ForecastLoss(),
+        "d": d,
+        "d_matrix": d_matrix,
+    }
 
 
-def step_fn(method: str, case: dict[str, Any]) -> Callable[[], None]:
+def step_fn(method: str, case: dict[str, Any], feedback: str = "d") -> Callable[[], None]:
+    """One gradient step; `feedback`: the case's diagonal `d` or its `d_matrix`."""
     model = case["model"]
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
         compute_gradients(
-            method, model, case["x"], case["y"], case["mask"], case["loss"], d=case["d"]
+            method, model, case["x"], case["y"], case["mask"], case["loss"], d=case[feedback]
         )
 
     return step
@@ -246,6 +256,7 @@ def main() -> None:
             for name in CELLS:
                 variants[f"{name}/bptt"] = step_fn("bptt", cases[name])
                 variants[f"{name}/feedback"] = step_fn("feedback", cases[name])
+                variants[f"{name}/matrix"] = step_fn("feedback", cases[name], "d_matrix")
             variants["gru/bptt"] = step_fn("bptt", cases["gru"])
             t0 = time.perf_counter()
             times = interleaved(variants, rounds)
@@ -264,6 +275,10 @@ def main() -> None:
                     "feedback_min_s": round(min(fb), 4),
                     "speedup": round(statistics.median(bp) / statistics.median(fb), 3),
                     "speedup_min": round(min(bp) / min(fb), 3),
+                    "feedback_matrix_s": round(statistics.median(times[f"{name}/matrix"]), 4),
+                    "speedup_matrix": round(
+                        statistics.median(bp) / statistics.median(times[f"{name}/matrix"]), 3
+                    ),
                     "nn_gru_s": round(statistics.median(gru), 4),
                     "nn_gru_min_s": round(min(gru), 4),
                     "spectral_radius_d": round(float(cases[name]["d"].abs().max()), 4),
@@ -312,7 +327,8 @@ def main() -> None:
             "rounds": args.rounds,
             "rounds_t1440_h256": args.rounds_large,
             "quick": args.quick,
-            "feedback_d": "estimate_feedback jacobian_mean (initial params)",
+            "feedback_d": "estimate_feedback jacobian_mean (initial params); matrix column: "
+            "jacobian_matrix",
             "memory_method": MEMORY_METHOD if device == "cpu" else CUDA_MEMORY_METHOD,
             "load_average_start": load_start,
             "load_average_after_timing": load_after_timing,
@@ -390,6 +406,10 @@ def targets_report(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _or_dash(entry: dict[str, Any], key: str, spec: str) -> str:
+    return format(entry[key], spec) if key in entry else "–"
+
+
 def markdown(payload: dict[str, Any]) -> str:
     s = payload["settings"]
     lines = [
@@ -401,9 +421,9 @@ def markdown(payload: dict[str, Any]) -> str:
         f"Load average at start {s['load_average_start']}, after timing "
         f"{s['load_average_after_timing']}.",
         "",
-        "| model | h | T | BPTT s | feedback s | speedup | nn.GRU BPTT s | peak MB BPTT | "
-        "peak MB feedback | mem ratio | peak MB nn.GRU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | h | T | BPTT s | feedback s | speedup | matrix feedback s | speedup | "
+        "nn.GRU BPTT s | peak MB BPTT | peak MB feedback | mem ratio | peak MB nn.GRU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if "timing_run" in s:
         run = s["timing_run"]
@@ -416,6 +436,7 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(
             f"| {e['model']} | {e['hidden']} | {e['T']} | {e['bptt_s']:.3f} ({e['bptt_min_s']:.3f})"
             f" | {e['feedback_s']:.3f} ({e['feedback_min_s']:.3f}) | {e['speedup']:.2f}x"
+            f" | {_or_dash(e, 'feedback_matrix_s', '.3f')} | {_or_dash(e, 'speedup_matrix', '.2f')}"
             f" | {e['nn_gru_s']:.3f} ({e['nn_gru_min_s']:.3f}) | {e.get('peak_mb_bptt', '–')}"
             f" | {e.get('peak_mb_feedback', '–')} | {e.get('peak_ratio', '–')}"
             f" | {e.get('peak_mb_nn_gru', '–')} |"

@@ -137,6 +137,9 @@ class ModelConfig(_Section):
 
     name: Literal["mi_gru", "lmn", "scrn", "gru", "lstm"] = "mi_gru"
     hidden_size: int = Field(64, gt=0)
+    linear_lags: int = Field(
+        0, ge=0, description="K > 0: add a linear readout of the last K inputs (NLinear skip)"
+    )
     params: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -143,6 +143,7 @@ def train_model(
         input_size=1,
         hidden_size=config.model.hidden_size,
         horizon=config.window.horizon,
+        linear_lags=config.model.linear_lags,
         **config.model.params,
     )
     windows = {

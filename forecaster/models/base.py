@@ -53,6 +53,7 @@ class RecurrentForecaster(nn.Module):
     name: str = "recurrent"
     # Whether fixed-feedback training applies (ALGORITHMS.md §5.2); the trainer checks it.
     supports_feedback: bool = True
+    __jit_unused_properties__ = ["feedback_units"]  # noqa: RUF012  (Python-side only)
 
     def __init__(
         self,
@@ -110,6 +111,12 @@ class RecurrentForecaster(nn.Module):
             device=reference.device if device is None else device,
             dtype=reference.dtype if dtype is None else dtype,
         )
+
+    @property
+    def feedback_units(self) -> int:
+        """The leading state units whose `δ` can reach a parameter (all of them unless a model
+        carries units that feed only the head, e.g. `LinearLags`' input register)."""
+        return self.state_size
 
     # ---- written once from the three pieces -------------------------------------------------
 

@@ -104,7 +104,13 @@ def validate_hparams(name: str, hparams: dict[str, Any]) -> Any:
 
 
 def build(
-    name: str, input_size: int, hidden_size: int, horizon: int, **hparams: Any
+    name: str,
+    input_size: int,
+    hidden_size: int,
+    horizon: int,
+    *,
+    linear_lags: int = 0,
+    **hparams: Any,
 ) -> RecurrentForecaster:
     """Build a registered model from typed hyper-parameters.
 
@@ -113,11 +119,20 @@ def build(
         input_size: features per step `d`.
         hidden_size: hidden width `h`.
         horizon: forecast length `H`.
+        linear_lags: `K > 0` adds a linear readout of the last `K` inputs
+            (`forecaster.models.lagged.LinearLags`); 0: the model alone.
         **hparams: the model's remaining hyper-parameters (fields of its config dataclass).
 
     Raises:
-        ModelError: unknown name, unknown or invalid hyper-parameter, non-positive sizes.
+        ModelError: unknown name, unknown or invalid hyper-parameter, non-positive sizes, a
+            negative `linear_lags`.
     """
+    from forecaster.models.lagged import with_linear_lags
+
+    if isinstance(linear_lags, bool) or not isinstance(linear_lags, int) or linear_lags < 0:
+        raise ModelError(
+            f"linear_lags: {linear_lags!r} is not a non-negative integer", field="linear_lags"
+        )
     model_cls, _ = resolve(name)
     config = validate_hparams(name, {"hidden_size": hidden_size, **hparams})
-    return model_cls(config, input_size, horizon)
+    return with_linear_lags(model_cls(config, input_size, horizon), linear_lags)

@@ -505,20 +505,25 @@ def jacobian_mean_matrix(
         )
     a, s = torch.cat(inputs), torch.cat(previous)  # [N, P], [N, S]
     if max_rows is None:
-        max_rows = max(512, min(4096, (1 << 26) // (width * width)))
+        units = model.feedback_units
+        max_rows = max(512, min(4096, (1 << 26) // (units * units)))
     pick = torch.linspace(0, s.shape[0] - 1, min(max_rows, s.shape[0]), device=s.device)
     pick = pick.round().long().unique()
     a, s = a[pick], s[pick]
 
-    def one_step(a_i: Tensor, s_i: Tensor) -> Tensor:
-        return model.recur(a_i.unsqueeze(0), s_i.unsqueeze(0)).squeeze(0)  # [S]
+    units = model.feedback_units  # the rest feed only the head: their rows and columns stay 0
+
+    def one_step(a_i: Tensor, lead: Tensor, rest: Tensor) -> Tensor:
+        s_i = torch.cat([lead, rest]).unsqueeze(0)  # [1, S]
+        return model.recur(a_i.unsqueeze(0), s_i).squeeze(0)[:units]  # [w]
 
     jacobian = torch.func.vmap(torch.func.jacrev(one_step, argnums=1))
-    rows = max(1, _JACOBIAN_BLOCK_ELEMENTS // (width * width))
+    rows = max(1, _JACOBIAN_BLOCK_ELEMENTS // (units * units))
     total = torch.zeros(width, width, dtype=torch.float64, device=s.device)
     with torch.no_grad():
         for i in range(0, s.shape[0], rows):
-            total += jacobian(a[i : i + rows], s[i : i + rows]).to(torch.float64).sum(dim=0)
+            block = jacobian(a[i : i + rows], s[i : i + rows, :units], s[i : i + rows, units:])
+            total[:units, :units] += block.to(torch.float64).sum(dim=0)
     return total / s.shape[0]
 
 
@@ -869,16 +874,24 @@ def corrected_deltas(
     """
     _check_corrections(sweeps)
     matrix = _is_matrix(d, direct)
+    units = model.feedback_units  # a matrix acts on these; the other units' δ is their g
 
     def scan_with_d(g: Tensor) -> Tensor:
-        return reverse_scan_matrix(g, d) if matrix else reverse_scan(g, d, method=scan)
+        if not matrix:
+            return reverse_scan(g, d, method=scan)
+        if units == g.shape[-1]:
+            return reverse_scan_matrix(g, d)
+        out = g.clone()
+        out[..., :units] = reverse_scan_matrix(g[..., :units], d[:units, :units])
+        return out
 
     delta = scan_with_d(direct)  # [B, T, S]
     for _ in range(sweeps):
         u = state_vector_jacobian(model, x, s_prev, delta, block_rows=block_rows)  # J_tᵀ δ_t
         ahead = delta[..., 1:, :]  # δ_{t+1}
         if matrix:
-            fixed = ahead @ d.to(ahead.dtype)  # Mᵀ δ_{t+1} as rows
+            fixed = torch.zeros_like(ahead)  # Mᵀ δ_{t+1} as rows, M zero beyond `units`
+            fixed[..., :units] = ahead[..., :units] @ d[:units, :units].to(ahead.dtype)
         else:
             fixed = (d[..., :-1, :] if d.dim() > 1 else d) * ahead  # d[..., t, :] ⊙ δ_{t+1}
         rest = torch.zeros_like(direct)

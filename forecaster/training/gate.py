@@ -228,7 +228,8 @@ def run_model_gate(
     was_training = model.training
     model.eval()
     try:
-        profile = jacobian_profile(model, [joined[0]])  # [T, S]
+        # Units beyond feedback_units feed only the head (a shift register): not dynamics.
+        profile = jacobian_profile(model, [joined[0]])[:, : model.feedback_units]  # [T, w]
         cv = jacobian_cv(profile)
         if config.kind == "jacobian_matrix":
             radius = spectral_radius(jacobian_mean_matrix(model, [joined[0]]))

@@ -27,13 +27,16 @@ from forecaster.models.registry import _REGISTRY, build, model_names
 
 D, HID, HORIZON, LOOKBACK = 3, 8, 4, 24
 NAMES = model_names()
+# With a linear readout of the last 5 inputs: the register rides in the carried state.
+LAGGED = ["mi_gru+lin5", "lmn+lin5", "scrn+lin5", "gru+lin5"]
 RECURRENCE_OPS = {"Loop", "Scan", "GRU", "LSTM"}
 
 
 def _build(name: str, seed: int = 0) -> RecurrentForecaster:
     torch.manual_seed(seed)
+    name, _, lags = name.partition("+lin")
     try:
-        model = build(name, D, HID, HORIZON)
+        model = build(name, D, HID, HORIZON, linear_lags=int(lags or 0))
     except ModelError as exc:
         cause = exc.__cause__
         if isinstance(cause, ModuleNotFoundError) and cause.name == _REGISTRY[name].module:
@@ -51,7 +54,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], 
     """Every model exported once per graph kind (parity checked inside export_onnx)."""
     out: dict[tuple[str, str], object] = {}
     folder = tmp_path_factory.mktemp("onnx")
-    for name in NAMES:
+    for name in [*NAMES, *LAGGED]:
         for graph in ("window", "step"):
             try:
                 model = _build(name)
@@ -69,7 +72,7 @@ def _get(exported: dict, name: str, graph: str) -> tuple[RecurrentForecaster, Ex
     return exported[(name, graph)]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, *LAGGED])
 def test_o15_window_graph_matches_pytorch_at_batch_1_and_17_and_t_1_and_50(
     name: str, exported: dict
 ) -> None:
@@ -125,7 +128,7 @@ def test_loop_recurrence_option_keeps_the_exporters_loop_with_parity(
     assert "Scan" not in ops
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, *LAGGED])
 def test_step_graph_fed_in_chunks_equals_window_graph(name: str, exported: dict) -> None:
     _, window = _get(exported, name, "window")
     _, step = _get(exported, name, "step")

@@ -24,10 +24,14 @@ TINY_HPARAMS: dict[str, dict[str, int]] = {"lmn": {"memory_size": 3}, "scrn": {"
 
 
 def _build(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> RecurrentForecaster:
-    """Build a tiny model; skip only when the model's own file does not exist yet."""
+    """Build a tiny model (`name+linK`: with a K-input linear readout); skip only when the
+    model's own file does not exist yet."""
     torch.manual_seed(seed)
+    name, _, lags = name.partition("+lin")
     try:
-        model = build(name, D, HID, HORIZON, **TINY_HPARAMS.get(name, {}))
+        model = build(
+            name, D, HID, HORIZON, linear_lags=int(lags or 0), **TINY_HPARAMS.get(name, {})
+        )
     except ModelError as exc:
         cause = exc.__cause__
         if isinstance(cause, ModuleNotFoundError) and cause.name == _REGISTRY[name].module:
@@ -45,13 +49,15 @@ def _perturb(model: RecurrentForecaster, seed: int = 1) -> None:
 
 
 NAMES = model_names()
+# Every model again with a linear readout of its last 3 inputs (forecaster/models/lagged.py).
+VARIANTS = [*NAMES, *(f"{name}+lin3" for name in NAMES)]
 
 
 def test_registry_lists_the_five_models() -> None:
     assert NAMES == ["gru", "lmn", "lstm", "mi_gru", "scrn"]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_shapes_follow_the_contract(name: str) -> None:
     model = _build(name)
     x = torch.randn(B, T, D, dtype=torch.float64)
@@ -66,10 +72,10 @@ def test_shapes_follow_the_contract(name: str) -> None:
     assert model.initial_state(B).dtype == torch.float64
     assert model.step(x[:, 0], states[:, 0]).shape == (B, model.state_size)
     assert isinstance(model.supports_feedback, bool)
-    assert model.name == name
+    assert model.name == name.partition("+lin")[0]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_rows_are_independent_of_batch_size(name: str) -> None:
     model = _build(name)
     _perturb(model)
@@ -80,7 +86,7 @@ def test_rows_are_independent_of_batch_size(name: str) -> None:
         assert (single[0] - full[row]).abs().max().item() <= 1e-12
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_step_loop_from_nonzero_state_agrees_with_forward(name: str) -> None:
     model = _build(name)
     _perturb(model)
@@ -97,7 +103,7 @@ def test_step_loop_from_nonzero_state_agrees_with_forward(name: str) -> None:
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_o13_batched_recompute_reproduces_loop_states(
     name: str, dtype: torch.dtype, tol: float
 ) -> None:
@@ -112,7 +118,7 @@ def test_o13_batched_recompute_reproduces_loop_states(
     assert (recomputed - states[:, 1:]).abs().max().item() <= tol
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_recompute_rejects_states_of_the_wrong_shape(name: str) -> None:
     model = _build(name)
     x = torch.randn(B, T, D, dtype=torch.float64)
@@ -120,7 +126,7 @@ def test_recompute_rejects_states_of_the_wrong_shape(name: str) -> None:
         model.recompute_states(x, torch.zeros(B, T + 1, model.state_size, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_wrong_input_width_is_refused_by_name(name: str) -> None:
     model = _build(name)
     with pytest.raises(ModelError, match=rf"x: shape \(3, 7, 9\) is not \[B, T, d\] with d = {D}"):
@@ -138,7 +144,7 @@ class _Step(nn.Module):
         return self.model.step(x, s)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_gradcheck_cell_step_inputs_and_parameters(name: str) -> None:
     model = _build(name, seed=3)
     _perturb(model)
@@ -155,7 +161,7 @@ def test_gradcheck_cell_step_inputs_and_parameters(name: str) -> None:
     assert torch.autograd.gradcheck(step, (x, s.requires_grad_(True), *values))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_every_parameter_receives_a_gradient(name: str) -> None:
     model = _build(name)
     _perturb(model)
@@ -167,7 +173,7 @@ def test_every_parameter_receives_a_gradient(name: str) -> None:
         assert param.grad.abs().max().item() > 0, param_name
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_state_dict_round_trip_restores_outputs(name: str) -> None:
     model = _build(name, seed=0)
     _perturb(model)

@@ -39,8 +39,9 @@ FEEDBACK_MODELS = [
     ("gru", {}),
     ("lmn", {"memory_size": 6}),
     ("scrn", {"context_size": 3}),
+    ("mi_gru", {"linear_lags": 4}),
 ]
-MODEL_IDS = ["mi_gru-gru", "mi_gru-mi", "gru", "lmn", "scrn"]
+MODEL_IDS = ["mi_gru-gru", "mi_gru-mi", "gru", "lmn", "scrn", "mi_gru-lin4"]
 SCANS = ["loop", "chunked", "associative", "fft"]
 
 
