@@ -172,3 +172,27 @@ def test_seasonal_naive_uses_the_daily_period_without_fitted_seasonality(tmp_pat
     # A pure daily cycle: seasonal naive with season 96 is exact, repeat-last is not.
     assert scores["seasonal_naive"]["mse"] < 1e-20
     assert scores["repeat_last"]["mse"] > 0.1
+
+
+def test_a_model_with_a_linear_readout_and_matrix_feedback_goes_through_the_pipeline(
+    tmp_path: Path,
+) -> None:
+    """`model.linear_lags` + `jacobian_matrix`: trained with feedback, exported (parity checked
+    inside), and the bundle's ONNX model reproduces the logged test metric."""
+    config = _config(
+        tmp_path,
+        model={"name": "scrn", "hidden_size": 8, "linear_lags": 24},
+        train={
+            "epochs": 2,
+            "batch_size": 64,
+            "stride": 2,
+            "feedback": {"kind": "jacobian_matrix", "corrections": 1},
+        },
+    )
+    outcome = run_training(config, method="feedback")
+    assert outcome.method == "feedback", outcome.method_reason
+    assert outcome.model.state_size == outcome.model.cell_size + 24
+    metadata = json.loads((outcome.bundle / METADATA_FILE).read_text())
+    assert metadata["model"]["linear_lags"] == 24
+    scores = evaluate_bundle(config, outcome.bundle)
+    assert scores["model"]["mse"] == pytest.approx(outcome.evaluations["test"]["mse"], rel=1e-9)
