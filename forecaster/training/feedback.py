@@ -4,6 +4,17 @@ Caillon, Fagnou, Allauzen 2025 (arXiv 2503.23104), Diagonal State Feedbacks. Imp
 ALGORITHMS.md §5.2 (per-step loss: no-grad forward, batched cell re-evaluation on detached
 previous states, head gradients, reverse linear scan `δ_t = g_t + d ⊙ δ_{t+1}`, one backward) and
 §5.3 (choosing `d`: `constant`, `ssm_grid`, `jacobian_mean` from the exact Jacobian diagonal).
+
+Two extensions of ours, both exact in a limit and tested there:
+- `jacobian_matrix`: the whole mean Jacobian `M` as a non-diagonal fixed feedback,
+  `δ_t = g_t + Mᵀ δ_{t+1}` (§5.2 "Non-diagonal fixed feedback"). The diagonal drops the
+  off-diagonal paths that carry LMN's memory mixing and SCRN's context → hidden coupling; on
+  ETTh2 (trained models) the gradient cosine with BPTT rose from 0.62 to 0.89 (LMN) and the
+  test MSE gap to BPTT closed (benchmarks/results/ett_corrections.md). Equals BPTT for a
+  linear cell whose Jacobian is `M`.
+- correction sweeps (`corrected_deltas`): batched vector–Jacobian products on the stored
+  states, parallel in time, each making one more step of every path exact; `T − 1` sweeps are
+  BPTT.
 Pinned by oracles O9 (T = 1 equals BPTT), O10 (exact when the cell's Jacobian is the fixed
 diagonal), O11 (`d = 0` equals fully truncated BPTT), O12 (the scans agree), O13 (the fast
 forward and the blocked re-evaluation match the model) and O14 (gradient quality). Gradients
