@@ -41,7 +41,8 @@ bench: $(STAMP)
 # Accuracy on ETT (needs ../shared/data; about 45 minutes on two CPU cores at these settings).
 bench-ett: $(STAMP)
 	$(BIN)/python benchmarks/ett.py --datasets ETTh1 --horizons 96 192 336 720 \
-		--models mi_gru gru --methods feedback bptt --seeds 0 1 2 --epochs 6 --patience 2 \
+		--models scrn scrn+lin336 mi_gru gru --methods feedback-matrix bptt --seeds 0 1 2 \
+		--epochs 6 --patience 2 \
 		--max-windows 2048
 
 clean:
