@@ -143,6 +143,7 @@ def build_config(
     """A config in the shape of configs/etth1.yaml for one run."""
     kind, freq = DATASETS[dataset]
     method, feedback = split_method(method)
+    model_name, linear_lags = split_model(model)
     train: dict[str, Any] = {
         "method": method,
         "epochs": options["epochs"],
@@ -173,9 +174,9 @@ def build_config(
         "preprocess": {"trend": "none", "seasonality": "none", "scaling": "standard"},
         "stationarity": {"alpha": 0.05, "remedy": "difference", "d_max": 1},
         "model": {
-            "name": split_model(model)[0],
+            "name": model_name,
             "hidden_size": options["hidden"],
-            "linear_lags": split_model(model)[1],
+            "linear_lags": linear_lags,
         },
         "train": train,
     }

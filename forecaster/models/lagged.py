@@ -61,7 +61,6 @@ class LinearLags(RecurrentForecaster):
         self.cell_size = inner.state_size
         self.cell_head = inner.head_features
         self.sizes = [inner.state_size, width]
-        self.keep = width - inner.input_size  # register entries that survive a step
         # The head features must be contiguous for the plain head: cell head units first.
         self.contiguous_head = inner.head_features == inner.state_size
         with torch.no_grad():  # start as the wrapped model: its head, zero weight on the lags

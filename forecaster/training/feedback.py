@@ -610,26 +610,23 @@ def estimate_feedback(
         tau = torch.logspace(0.0, math.log10(max(steps, 1)), width, dtype=torch.float64)
         raw = torch.exp(-1.0 / tau)  # [S]
     elif config.kind == "jacobian_matrix":
-        raw = jacobian_mean_matrix(model, batches, max_batches=config.estimate_batches).cpu()
-        unclipped = spectral_radius(raw)
-        d = raw * (config.rho_max / unclipped) if unclipped > config.rho_max else raw
-        return FeedbackEstimate(
-            d=d.to(device=reference.device, dtype=reference.dtype),
-            spectral_radius=min(unclipped, config.rho_max),
-            unclipped_spectral_radius=unclipped,
-            kind=config.kind,
-            seconds=time.perf_counter() - start,
-        )
+        raw = jacobian_mean_matrix(model, batches, max_batches=config.estimate_batches)
     else:
         # Every window has the same T, so the mean over time of the per-step means is the mean
         # over batch and time.
         raw = jacobian_profile(model, batches, max_batches=config.estimate_batches).mean(dim=0)
     raw = raw.cpu()
-    unclipped = float(raw.abs().max())
-    d = raw.clamp(-config.rho_max, config.rho_max)
+    if raw.dim() == 2:  # a matrix M: scaled down to spectral radius rho_max
+        unclipped = spectral_radius(raw)
+        d = raw * (config.rho_max / unclipped) if unclipped > config.rho_max else raw
+        radius = min(unclipped, config.rho_max)
+    else:  # a diagonal d: each unit clipped to [-rho_max, rho_max]
+        unclipped = float(raw.abs().max())
+        d = raw.clamp(-config.rho_max, config.rho_max)
+        radius = float(d.abs().max())
     return FeedbackEstimate(
         d=d.to(device=reference.device, dtype=reference.dtype),
-        spectral_radius=float(d.abs().max()),
+        spectral_radius=radius,
         unclipped_spectral_radius=unclipped,
         kind=config.kind,
         seconds=time.perf_counter() - start,
@@ -880,17 +877,17 @@ def corrected_deltas(
     matrix = _is_matrix(d, direct)
     units = model.feedback_units  # a matrix acts on these; the other units' δ is their g
 
+    lead = d[:units, :units] if matrix else d[..., :units]  # the feedback on those units
+
     def scan_with_d(g: Tensor) -> Tensor:
-        whole = units == g.shape[-1]
-        if not matrix and (whole or d.dim() > 1):
-            return reverse_scan(g, d, method=scan)
-        if whole:
-            return reverse_scan_matrix(g, d)
-        out = g.clone()  # the units beyond `units` reach no parameter: their δ stays g
         if matrix:
-            out[..., :units] = reverse_scan_matrix(g[..., :units], d[:units, :units])
+            scanned = reverse_scan_matrix(g[..., :units], lead)
         else:
-            out[..., :units] = reverse_scan(g[..., :units], d[:units], method=scan)
+            scanned = reverse_scan(g[..., :units], lead, method=scan)
+        if units == g.shape[-1]:
+            return scanned
+        out = g.clone()  # the units beyond `units` reach no parameter: their δ stays g
+        out[..., :units] = scanned
         return out
 
     delta = scan_with_d(direct)  # [B, T, S]
@@ -899,7 +896,7 @@ def corrected_deltas(
         ahead = delta[..., 1:, :]  # δ_{t+1}
         if matrix:
             fixed = torch.zeros_like(ahead)  # Mᵀ δ_{t+1} as rows, M zero beyond `units`
-            fixed[..., :units] = ahead[..., :units] @ d[:units, :units].to(ahead.dtype)
+            fixed[..., :units] = ahead[..., :units] @ lead.to(ahead.dtype)
         else:
             fixed = (d[..., :-1, :] if d.dim() > 1 else d) * ahead  # d[..., t, :] ⊙ δ_{t+1}
         rest = torch.zeros_like(direct)
