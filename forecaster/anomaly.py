@@ -75,6 +75,7 @@ _RENEW = 2.0  # how many times the last alarm's surprise a point needs to alarm 
 _MIN_AGREEMENT = 100  # scored points before the horizons' agreement is tested
 _NORMAL = NormalDist()
 _CHANGE_WARMUP = 10  # windows' worth of statistics before the change test counts
+_MIN_EXTERNAL_SEED = 30  # another model's fit-segment residuals needed to seed its calibration
 _SEED_FOLDS = 5  # folds of the fit segment whose out-of-fold residuals seed the calibration
 PROBATION_FRACTION = 0.15
 PROBATION_CAP_ROWS = 5000  # NAB caps the probationary period at 15% of 5,000 rows (750)
@@ -430,16 +431,23 @@ class AnomalyDetector:
             columns.append(change)
         return np.stack(columns, axis=1) if columns else np.empty((n, 0))
 
-    def fit(self, values: npt.ArrayLike) -> AnomalyDetector:
+    def fit(self, values: npt.ArrayLike, expected: npt.ArrayLike | None = None) -> AnomalyDetector:
         """Fit the forecasters and seed the calibration windows on `values` (a clean start).
 
         Sets `hold`, the refractory period in points: `hold_fraction` of `len(values)` (the fit
         segment), or the `hold` setting when `hold_fraction` is None.
 
+        Args:
+            values: the fit segment [n], NaN where a value is missing.
+            expected: optional one-step forecasts [n] from the model whose forecasts `score`
+                will get; with at least `_MIN_EXTERNAL_SEED` of them known, their residuals seed
+                the one-step calibration instead of the built-in forecaster's.
+
         Raises:
-            DataError: bad values, or fewer known points than the forecasts need.
+            DataError: bad values or expected, or fewer known points than the forecasts need.
         """
         raw = _as_series(values, "values")
+        external = _external(expected, len(raw))
         y = _forward_fill(raw)
         settings = self.settings
         known = y[~np.isnan(y)]
@@ -475,6 +483,11 @@ class AnomalyDetector:
                 ),
             )
             residuals = self._fit_horizon(horizon, y)
+            if h == 1 and external is not None:
+                model_residuals = np.abs(raw - external)
+                model_residuals = model_residuals[~np.isnan(model_residuals)]
+                if model_residuals.size >= _MIN_EXTERNAL_SEED:
+                    residuals = model_residuals
             for a in residuals[-settings.calibration_window :]:
                 horizon.calibration.remember(self._nonconformity(float(a)))
             self._horizons.append(horizon)
@@ -577,13 +590,7 @@ class AnomalyDetector:
         n = len(raw)
         if not 0 <= start <= n:
             raise DataError(f"start: {start} is not within [0, {n}]", field="start")
-        external = None
-        if expected is not None:
-            external = _as_series(expected, "expected")
-            if external.shape != (n,):
-                raise DataError(
-                    f"expected: {external.shape[0]} forecasts for {n} values", field="expected"
-                )
+        external = _external(expected, n)
         missing = np.isnan(raw)
         y = self._impute(raw, missing)
         forecasts = [self._forecast(horizon, y) for horizon in self._horizons]
@@ -633,6 +640,16 @@ class AnomalyDetector:
             best = min(best, self._agreement.log_p_value(total))
         self._agreement.remember(total)
         return min(0.0, math.log(tests) + best)
+
+
+def _external(expected: npt.ArrayLike | None, n: int) -> FloatArray | None:
+    """Another model's one-step forecasts `[n]` (NaN where it has none), checked."""
+    if expected is None:
+        return None
+    external = _as_series(expected, "expected")
+    if external.shape != (n,):
+        raise DataError(f"expected: {external.shape[0]} forecasts for {n} values", field="expected")
+    return external
 
 
 def _shift(y: FloatArray, k: int) -> FloatArray:

@@ -572,6 +572,23 @@ class TransformBatch:
             scale=column([s.scaling.scale for s in specs]),
         )
 
+    def repeat(self, n: int) -> TransformBatch:
+        """A batch of `n` copies of this batch's one series (many windows of one series)."""
+        if self.size != 1:
+            raise DataError(f"repeat: the batch holds {self.size} series, not 1", field="specs")
+
+        def rows(a: FloatArray) -> FloatArray:
+            return np.repeat(a, n, axis=0)
+
+        return TransformBatch(
+            difference=self.difference,
+            intercept=None if self.intercept is None else rows(self.intercept),
+            slope=None if self.slope is None else rows(self.slope),
+            profiles=tuple((period, rows(values)) for period, values in self.profiles),
+            center=rows(self.center),
+            scale=rows(self.scale),
+        )
+
     def components(self, t: npt.NDArray[np.int64]) -> Components:
         """Trend and seasonal parts `[N, n]` at steps `t [N, n]`."""
         if self.intercept is None or self.slope is None:

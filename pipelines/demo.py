@@ -8,7 +8,8 @@ score them and the baselines on every test window, forecast every series through
 Runtime with the preprocessing inverted, score every point for anomalies with the causal detector
 (checked against the generator's labels), and answer one forecast over HTTP from a real
 `bentoml serve` of the two bundles, plus one anomaly request checked against the in-process
-detector. Progress goes to a `report` callback; the CLI renders it.
+detector and one screened against the champion's one-step forecasts. Progress goes to a
+`report` callback; the CLI renders it.
 """
 
 from __future__ import annotations
@@ -155,6 +156,11 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
         f"{served['anomaly_ms']:.0f} ms; same flags as in process: {served['flags_match']}, "
         f"max |score difference| = {served['score_diff']:.2e}"
     )
+    report(
+        f"      {forecasts[0].unique_id}: /anomaly with the series' start, on the "
+        f"{served['model_forecaster']}'s one-step forecasts: "
+        f"flagged {served['model_flagged']} points"
+    )
     report(f"compare runs and versions: mlflow ui --backend-store-uri {tracking.uri}")
     return DemoResult(
         prepared=prepared,
@@ -237,6 +243,8 @@ def _serve_once(
         fit = probationary_length(len(values))
         anomaly_body = {"series": [{"unique_id": str(uid), "values": values.tolist()}]}
         anomalies, anomaly_ms = _post(f"{base}/anomaly", {**anomaly_body, "fit_size": fit})
+        # With its start, the known series is screened against the champion's forecasts.
+        on_model, _ = _post(f"{base}/anomaly", {**body, "fit_size": fit})
     finally:
         process.terminate()
         try:
@@ -254,6 +262,8 @@ def _serve_once(
         "flagged": int(flags.sum()),
         "flags_match": bool(np.array_equal(flags, expected.is_anomaly[fit:])),
         "score_diff": float(np.max(np.abs(np.asarray(served["score"]) - expected.score[fit:]))),
+        "model_forecaster": on_model["series"][0]["forecaster"],
+        "model_flagged": int(np.sum(on_model["series"][0]["is_anomaly"])),
     }
 
 

@@ -57,6 +57,7 @@ from forecaster.transform import (
 )
 from serving.batching import Arrival, MicroBatcher
 from serving.schemas import (
+    AnomalySeriesInput,
     ForecastRequest,
     ForecastResponse,
     ModelInfo,
@@ -77,6 +78,7 @@ __all__ = [
     "Runtime",
     "Status",
     "load_model",
+    "one_step_forecasts",
     "prefer_cpu",
     "prepare_batch",
 ]
@@ -366,7 +368,9 @@ class PreparedBatch:
     level: float | None
 
 
-def _timestamps_ns(series: SeriesInput, step_ns: int, prefix: str) -> npt.NDArray[np.int64]:
+def _timestamps_ns(
+    series: SeriesInput | AnomalySeriesInput, step_ns: int, prefix: str
+) -> npt.NDArray[np.int64]:
     """`[n]` integer ns, naive UTC; strictly increasing or a `DataError` naming the row."""
     if series.timestamps is None:
         if series.start is None:
@@ -765,6 +769,77 @@ def _finish(
     return forecasts
 
 
+# --------------------------------------------------------------------------- one-step forecasts
+
+
+def one_step_forecasts(
+    model: LoadedModel,
+    unique_id: str,
+    values: npt.NDArray[np.float64],
+    ns: npt.NDArray[np.int64],
+    chunk_rows: int = 1024,
+) -> npt.NDArray[np.float64]:
+    """The model's one-step forecast of every point of a series it knows, from the `lookback`
+    points before it, as `/forecast` gives it for the history up to that point: `[n]` in the
+    series' units, NaN where the window before a point is not `lookback + d` known, consecutive
+    points on the model's grid (the first ones, around gaps and missing values).
+
+    All windows are transformed in one pass (the series' transform is pointwise but for the
+    differencing) and run through the window graph `chunk_rows` at a time.
+
+    Raises:
+        DataError: the series is unknown to the model.
+        ModelError: the model returned non-finite values for a complete window.
+    """
+    spec = model.spec.series.get(unique_id)
+    if spec is None:
+        raise DataError(f"series {unique_id!r} is unknown to the model", field="unique_id")
+    grid = model.grids.get(unique_id) or _Grid.of(spec)
+    d, lookback = spec.difference, model.lookback
+    need, n = lookback + d, len(values)
+    out = np.full(n, np.nan)
+    if n <= need:
+        return out
+    offset = ns - grid.anchor_ns
+    t = offset // grid.step_ns
+    usable = np.isfinite(values) & (offset % grid.step_ns == 0)
+    usable &= np.abs(values) <= np.finfo(np.float32).max
+    counts = np.concatenate([[0], np.cumsum(usable)])
+    rows = np.arange(need, n)
+    # Strictly increasing steps: `need` of them between r - need and r means all consecutive.
+    complete = (counts[rows] - counts[rows - need] == need) & (t[rows] - t[rows - need] == need)
+    rows = rows[complete & (offset[rows] % grid.step_ns == 0)]
+    if not rows.size:
+        return out
+    batch = TransformBatch.stack([spec])
+    # Points outside every complete window only need to be finite here.
+    filled = np.where(usable, values, 0.0)
+    transformed = transform_steps(batch, filled[None], t[None])
+    z = np.lib.stride_tricks.sliding_window_view(transformed.values[0], lookback)
+    with np.errstate(all="ignore"):
+        x = z[rows - need].astype(np.float32)  # window r: transformed points r - L .. r - 1
+    fits = np.isfinite(x).all(axis=1)
+    rows, x = rows[fits], x[fits]
+    forecast = np.empty(len(rows), dtype=np.float64)
+    for begin in range(0, len(rows), chunk_rows):
+        window = x[begin : begin + chunk_rows, :, None]
+        forecast[begin : begin + chunk_rows] = forecast_window(
+            model.window_for(len(window)), window
+        )[:, 0]
+    if not np.isfinite(forecast).all():
+        raise ModelError(f"{model.role} returned non-finite values for {unique_id!r}")
+    residual = transformed.residual[0]
+    last_levels = (
+        np.lib.stride_tricks.sliding_window_view(residual, d)[rows - d]
+        if d
+        else np.zeros((len(rows), 0))
+    )
+    out[rows] = inverse_forecast_steps(
+        batch.repeat(len(rows)), forecast[:, None], t[rows][:, None], last_levels
+    )[:, 0]
+    return out
+
+
 # --------------------------------------------------------------------------- the runtime
 
 
@@ -871,6 +946,68 @@ class Runtime:
                     value, failed = exc, True
                 step = _resume(steps, value, failed)
             return step
+
+    def one_step(
+        self, series: AnomalySeriesInput, prefix: str, required: bool
+    ) -> tuple[npt.NDArray[np.float64], Role, str] | None:
+        """The one-step forecasts of every point of an anomaly request's series by the champion,
+        else the fallback (`one_step_forecasts`), with the role and source of the model that
+        gave them (`serving.detect.ModelForecasts`); None when no
+        model can (no timestamps, unknown series, no model loaded, every model failed) and
+        they are not `required`.
+
+        Raises:
+            DataError: bad timestamps; `required` and the series has no timestamps or start, or
+                no loaded model knows it.
+            ModelUnavailable: `required` and no model is loaded or every model failed.
+        """
+        uid = series.unique_id
+        if series.timestamps is None and series.start is None:
+            if required:
+                raise DataError(
+                    f"{prefix}.start: the model's forecasts need the series' 'start' or "
+                    "'timestamps'",
+                    field=f"{prefix}.start",
+                )
+            return None
+        models = self._models
+        loaded = models.loaded()
+        if not loaded:
+            if required:
+                raise ModelUnavailable("no model is loaded: " + _errors(models))
+            return None
+        values = np.array([np.nan if v is None else v for v in series.values], dtype=np.float64)
+        failures = []
+        known = [model for model in loaded if uid in model.spec.series]
+        for model in known:
+            ns = _timestamps_ns(series, model.spec.series[uid].step_ns, prefix)
+            started = time.perf_counter()
+            try:
+                expected = one_step_forecasts(
+                    model, uid, values, ns, chunk_rows=self.settings.batch_max_rows
+                )
+            except Exception as exc:  # ORT raises untyped errors; any failure moves on
+                reason = exc.message if isinstance(exc, ForecasterError) else repr(exc)
+                logger.warning("%s failed on anomaly forecasts: %s", model.role, reason)
+                failures.append(f"{model.role}: {reason}")
+                if model.role == "champion":
+                    with self._health.lock:
+                        self._health.champion_failing = reason
+                continue
+            self.observer.inference(model.role, time.perf_counter() - started)
+            if model.role == "fallback" and not isinstance(models.champion, LoadedModel):
+                self.observer.fallback("champion_unavailable")
+            elif model.role == "fallback" and failures:
+                self.observer.fallback("champion_failed")
+            return expected, model.role, model.source
+        if not required:
+            return None
+        if not known:
+            raise DataError(
+                f"{prefix}.unique_id: series {uid!r} is unknown to the served models",
+                field=f"{prefix}.unique_id",
+            )
+        raise ModelUnavailable("every model failed: " + "; ".join(failures))
 
     def close(self) -> None:
         """Stop the micro-batching worker (requests after this raise)."""

@@ -189,7 +189,9 @@ class ErrorResponse(BaseModel):
 
 
 class AnomalySeriesInput(_Request):
-    """One series to screen: a clean start to fit on, then the points to score."""
+    """One series to screen: a clean start to fit on, then the points to score. With its
+    timestamps (or start), a series the served model knows is screened against the model's
+    one-step forecasts."""
 
     unique_id: str = Field(min_length=1, max_length=200, examples=["plant_000"])
     values: list[float | None] = Field(
@@ -197,6 +199,23 @@ class AnomalySeriesInput(_Request):
         description="observations, oldest first; null where a value is missing",
         examples=[[71.2, 72.9, None, 73.6]],
     )
+    timestamps: list[datetime] | None = Field(
+        None,
+        description="one timestamp per value, strictly increasing, on the model's grid",
+    )
+    start: datetime | None = Field(
+        None, description="timestamp of the first value; the rest follow at the model's step"
+    )
+
+    @model_validator(mode="after")
+    def _timestamps_or_start(self) -> AnomalySeriesInput:
+        if self.timestamps is not None and self.start is not None:
+            raise ValueError("give at most one of 'timestamps' and 'start'")
+        if self.timestamps is not None and len(self.timestamps) != len(self.values):
+            raise ValueError(
+                f"'timestamps' has {len(self.timestamps)} entries for {len(self.values)} values"
+            )
+        return self
 
 
 class AnomalyRequest(_Request):
@@ -229,6 +248,12 @@ class AnomalyRequest(_Request):
     season: int | None = Field(
         None, ge=0, description="seasonal period in steps; 0 none; detected if omitted"
     )
+    forecaster: Literal["auto", "model", "detector"] = Field(
+        "auto",
+        description="whose one-step forecasts the residuals are taken from: 'model' the served "
+        "model's (champion, else fallback; the series needs timestamps or start and must be "
+        "known to the model), 'detector' the detector's own, 'auto' the model's where it can",
+    )
 
 
 class SeriesAnomalies(BaseModel):
@@ -236,6 +261,12 @@ class SeriesAnomalies(BaseModel):
 
     unique_id: str
     scored_from: int = Field(description="index of the first scored point (the fit size)")
+    forecaster: Literal["champion", "fallback", "detector"] = Field(
+        description="whose one-step forecasts gave the residuals"
+    )
+    model_version: str | None = Field(
+        None, description="registry version or bundle folder of that model (null: detector)"
+    )
     score: list[float] = Field(description="in [0, 1); 0.5 is the flag threshold")
     is_anomaly: list[bool]
     expected: list[float | None] = Field(description="one-step forecast (null without past)")

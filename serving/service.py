@@ -252,7 +252,7 @@ class Forecaster:
         """Per-point anomaly score, flag, expected value and bounds after a clean fit segment."""
         payload = _parse(AnomalyRequest, await request.body())
         max_series = self.runtime.settings.max_series
-        return _json(await run_in_threadpool(detect, payload, max_series))
+        return _json(await run_in_threadpool(detect, payload, max_series, self.runtime.one_step))
 
     @app.get("/model", response_model=ModelsResponse, responses=_ERRORS)
     def model(self) -> ModelsResponse:

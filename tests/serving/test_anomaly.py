@@ -69,3 +69,128 @@ def test_bad_anomaly_input_is_a_4xx_naming_the_field(
     assert response.status_code == status, response.text
     assert response.json()["field"] == field
     assert field in response.json()["error"]
+
+
+# --------------------------------------------------------------------------- model forecasts
+
+
+def _model(bundles: Any, role: str = "champion") -> Any:
+    from serving.runtime import load_model
+
+    folder = bundles.champion if role == "champion" else bundles.fallback
+    return load_model(role, folder, source=str(folder), device="cpu")  # type: ignore[arg-type]
+
+
+def test_one_step_forecasts_equal_forecast_of_each_history(bundles: Any, kit: Any) -> None:
+    """Point r's forecast is the horizon-1 forecast of the history up to r - 1, as /forecast
+    computes it; NaN where the window before r is short, holds a missing value or a gap."""
+    from serving.runtime import one_step_forecasts
+
+    ds, y = bundles.history["plant_001"]
+    ds, y = ds[-150:], y[-150:].copy()
+    y[100] = np.nan
+    ns = ds.astype("datetime64[ns]").astype(np.int64)
+    ns[130:] += 3600 * 10**9  # a one-hour gap before row 130
+    got = one_step_forecasts(_model(bundles), "plant_001", y, ns, chunk_rows=16)
+    need = kit.LOOKBACK + 1  # the tiny config differences once
+    model = _model(bundles)
+    assert model.spec.series["plant_001"].difference == 1
+    known = np.flatnonzero(np.isfinite(got))
+    expected_known = [
+        r for r in range(need, 150) if not (100 < r <= 100 + need) and not (130 <= r < 130 + need)
+    ]
+    assert known.tolist() == expected_known
+    for r in (need, 60, 99, 100, 100 + need + 1, 129):
+        window = slice(r - need, r)
+        _, point = kit.expected_forecast(
+            bundles.champion, ds[window], y[window], "plant_001", horizon=1
+        )
+        np.testing.assert_allclose(got[r], point[0], rtol=1e-6)
+
+
+def test_one_step_forecasts_refuse_an_unknown_series(bundles: Any) -> None:
+    from forecaster.errors import DataError
+    from serving.runtime import one_step_forecasts
+
+    with pytest.raises(DataError, match="'nowhere' is unknown to the model"):
+        one_step_forecasts(_model(bundles), "nowhere", np.ones(50), np.arange(50, dtype=np.int64))
+
+
+def _plant_anomaly_item(bundles: Any, kit: Any, spike: int) -> tuple[dict[str, Any], Any]:
+    item = kit.series_payload(bundles, "plant_000", points=300)
+    values = list(item["values"])
+    values[spike] += 12.0 * float(np.std(np.diff(values)))
+    return {**item, "values": values}, np.array(values)
+
+
+def test_anomaly_uses_the_champion_forecasts_of_a_known_series(
+    server: Any, bundles: Any, kit: Any
+) -> None:
+    item, raw = _plant_anomaly_item(bundles, kit, spike=250)
+    response = server.post("/anomaly", json={"series": [item], "fit_size": 100})
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["series"]
+    assert result["forecaster"] == "champion"
+    assert result["model_version"] == str(bundles.champion)
+    from serving.runtime import one_step_forecasts
+
+    ns = np.array(
+        [np.datetime64(item["start"]) + np.timedelta64(i, "h") for i in range(len(raw))],
+        dtype="datetime64[ns]",
+    ).astype(np.int64)
+    model_forecasts = one_step_forecasts(_model(bundles), "plant_000", raw, ns)
+    detector = AnomalyDetector(DetectorSettings()).fit(raw[:100], model_forecasts[:100])
+    expected = detector.score(raw, start=100, expected=model_forecasts)
+    np.testing.assert_allclose(result["expected"], model_forecasts[100:], rtol=1e-9)
+    np.testing.assert_allclose(result["score"], expected.score[100:], rtol=1e-9, atol=1e-12)
+    assert result["is_anomaly"] == expected.is_anomaly[100:].tolist()
+    assert result["is_anomaly"][250 - 100] is True
+
+    own = server.post(
+        "/anomaly", json={"series": [item], "fit_size": 100, "forecaster": "detector"}
+    ).json()["series"][0]
+    assert own["forecaster"] == "detector"
+    assert own["model_version"] is None
+    plain = AnomalyDetector(DetectorSettings()).fit(raw[:100]).score(raw, start=100)
+    np.testing.assert_allclose(own["score"], plain.score[100:], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [
+        ({"unique_id": "plant_000", "values": [1.0] * 80}, "series[0].start"),
+        (
+            {"unique_id": "elsewhere", "values": [1.0] * 80, "start": "2024-01-01T00:00:00"},
+            "series[0].unique_id",
+        ),
+        (
+            {
+                "unique_id": "plant_000",
+                "values": [1.0, 2.0],
+                "timestamps": ["2024-01-01T01:00:00", "2024-01-01T00:00:00"],
+            },
+            "series[0].timestamps",
+        ),
+    ],
+    ids=["no_timestamps", "unknown_series", "unsorted_timestamps"],
+)
+def test_anomaly_forecaster_model_names_what_it_lacks(
+    server: Any, item: dict[str, Any], field: str
+) -> None:
+    response = server.post(
+        "/anomaly", json={"series": [item], "fit_size": 1, "forecaster": "model"}
+    )
+    assert response.status_code in (400, 422), response.text
+    assert response.json()["field"] == field
+    assert field in response.json()["error"]
+
+
+def test_anomaly_auto_uses_the_detector_where_the_model_cannot(server: Any) -> None:
+    values = [float(v) for v in 10 + np.sin(np.arange(120) / 4)]
+    series = [
+        {"unique_id": "plant_000", "values": values},  # no timestamps
+        {"unique_id": "elsewhere", "values": values, "start": "2024-01-01T00:00:00"},
+    ]
+    response = server.post("/anomaly", json={"series": series, "fit_size": 60})
+    assert response.status_code == 200, response.text
+    assert [s["forecaster"] for s in response.json()["series"]] == ["detector", "detector"]

@@ -132,6 +132,24 @@ def test_deleted_champion_fallback_answers(rig: Rig, kit: ModuleType) -> None:
     assert rig.server.get("/readyz").json()["status"] == "degraded"
 
 
+def test_corrupt_champion_fallback_forecasts_feed_the_anomaly_detector(
+    rig: Rig, kit: ModuleType
+) -> None:
+    rig.set_state("corrupt")
+    before = _fallback_count(rig, kit)
+    item = kit.series_payload(rig.bundles, "plant_000", points=200)
+    response = rig.server.post("/anomaly", json={"series": [item], "fit_size": 80})
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["series"]
+    assert result["forecaster"] == "fallback"
+    assert result["model_version"] == str(rig.fallback)
+    assert _fallback_count(rig, kit) == before + 1
+    # The last point's expected value is the fallback's one-step forecast of it.
+    ds, y = rig.bundles.history["plant_000"]
+    _, point = kit.expected_forecast(rig.bundles.fallback, ds[:-1], y[:-1], "plant_000", 1)
+    np.testing.assert_allclose(result["expected"][-1], point[0], rtol=1e-6)
+
+
 def test_champion_emitting_nan_is_refused_at_load(rig: Rig, kit: ModuleType) -> None:
     reload = rig.set_state("nan_always")
     assert "non-finite" in reload["models"][0]["error"]
@@ -168,6 +186,15 @@ def test_no_model_gives_503_and_readyz_not_ready(rig: Rig, kit: ModuleType) -> N
     assert ready.json()["status"] == "unavailable"
     assert rig.server.get("/model").json()["status"] == "unavailable"
     assert rig.server.get("/livez").status_code == 200
+    item = kit.series_payload(rig.bundles, "plant_000", points=120)
+    auto = rig.server.post("/anomaly", json={"series": [item], "fit_size": 60})
+    assert auto.status_code == 200, auto.text
+    assert auto.json()["series"][0]["forecaster"] == "detector"
+    required = rig.server.post(
+        "/anomaly", json={"series": [item], "fit_size": 60, "forecaster": "model"}
+    )
+    assert required.status_code == 503
+    assert "no model is loaded" in required.json()["error"]
     assert rig.set_state("healthy")["status"] == "ready"
 
 
