@@ -319,6 +319,13 @@ def detect(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML config; its anomaly section.")
     ] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model bundle folder: its one-step forecasts add a residual test for the "
+            "series it was trained on (long format, same unique_id)."
+        ),
+    ] = None,
     overrides: SetOption = None,
 ) -> None:
     """Score every row for anomalies, causally: fitted on each series' first 15% (NAB's
@@ -327,9 +334,10 @@ def detect(
         from pipelines.detect import run_detect
 
         cfg = _load(config, overrides) if config is not None else None
-        report = run_detect(input_path, output_path, cfg)
+        report = run_detect(input_path, output_path, cfg, bundle=bundle)
+        on_model = f", {len(report.on_model)} on the model's forecasts" if bundle else ""
         console.print(
-            f"{report.rows} rows, {report.series} series, {report.flagged} flagged "
+            f"{report.rows} rows, {report.series} series{on_model}, {report.flagged} flagged "
             f"-> {report.output_path} ({report.seconds:.1f} s)",
             highlight=False,
         )

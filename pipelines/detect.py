@@ -8,7 +8,9 @@ lags and seasons count time, not rows); probationary rows get score 0. Repeated 
 a clock set back (time going back once) are kept as consecutive rows in file order, with a
 warning; a series whose timestamps go back more often than that is sorted by time. The output is
 the input, row for row and in its order, plus `anomaly_score` and `is_anomaly`, written
-atomically.
+atomically. With a model bundle, every series the model was trained on also gets the model's
+one-step forecasts as one more residual test, computed as `POST /anomaly` does
+(`serving.runtime.one_step_forecasts`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class DetectReport:
         flagged: rows with `is_anomaly` true.
         probation_rows: rows each series was fitted on (scored 0).
         seconds: wall time of the run.
+        on_model: series that had the bundle's one-step forecasts.
     """
 
     input_path: Path
@@ -74,6 +77,7 @@ class DetectReport:
     flagged: int
     probation_rows: dict[str, int]
     seconds: float
+    on_model: tuple[str, ...] = ()
 
 
 def settings_from(config: Config | None) -> DetectorSettings:
@@ -90,6 +94,7 @@ def detect_values(
     settings: DetectorSettings | None = None,
     *,
     probation: int | None = None,
+    expected: npt.ArrayLike | None = None,
 ) -> tuple[AnomalyResult, int]:
     """Fit on the probationary rows of one series, score it all; return result and probation.
 
@@ -97,6 +102,8 @@ def detect_values(
         values: the series [n] in time order, NaN where missing.
         settings: detector settings (defaults if None).
         probation: rows to fit on; default NAB's probationary period of `len(values)`.
+        expected: optional one-step forecasts [n] of a forecasting model (NaN where it has
+            none), used for the one-step residuals (`AnomalyDetector.fit` / `score`).
 
     Raises:
         DataError: the series is too short to fit on its probationary period.
@@ -104,8 +111,11 @@ def detect_values(
     y = np.asarray(values, dtype=np.float64)
     if probation is None:
         probation = probationary_length(len(y))
-    detector = AnomalyDetector(settings).fit(y[:probation])
-    return detector.score(y, start=probation), probation
+    model = None if expected is None else np.asarray(expected, dtype=np.float64)
+    detector = AnomalyDetector(settings).fit(
+        y[:probation], None if model is None else model[:probation]
+    )
+    return detector.score(y, start=probation, expected=model), probation
 
 
 def detect_series(
@@ -114,12 +124,14 @@ def detect_series(
     settings: DetectorSettings | None = None,
     *,
     probation: int | None = None,
+    expected: npt.ArrayLike | None = None,
 ) -> tuple[AnomalyResult, int]:
     """`detect_values` on the time grid of `timestamps`; the result has one entry per input row.
 
     The detector is fitted on the grid steps up to the `probation`-th row (those rows' values
     and the missing steps between them) and scores the whole grid; gaps longer than
     `settings.max_gap_fill` steps are shortened (a long outage is not forecast step by step).
+    `expected`: a model's one-step forecasts of the input rows (NaN where it has none).
 
     Raises:
         DataError: timestamps that are not datetimes or not one per value; a series too short.
@@ -130,7 +142,11 @@ def detect_series(
         probation = probationary_length(len(y))
     grid, rows = on_time_grid(y, timestamps, settings.max_gap_fill)
     fit_steps = int(rows[probation]) if probation < len(rows) else len(grid)
-    result, _ = detect_values(grid, settings, probation=fit_steps)
+    on_grid = None
+    if expected is not None:
+        on_grid = np.full(len(grid), np.nan)
+        on_grid[rows] = np.asarray(expected, dtype=np.float64)
+    result, _ = detect_values(grid, settings, probation=fit_steps, expected=on_grid)
     return result.take(rows), probation
 
 
@@ -200,16 +216,30 @@ def _read(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return original, long
 
 
-def run_detect(input_path: Path, output_path: Path, config: Config | None = None) -> DetectReport:
-    """Score every row of `input_path` and write it with `anomaly_score` and `is_anomaly`.
+def run_detect(
+    input_path: Path,
+    output_path: Path,
+    config: Config | None = None,
+    *,
+    bundle: Path | None = None,
+) -> DetectReport:
+    """Score every row of `input_path` and write it with `anomaly_score` and `is_anomaly`;
+    with `bundle`, the series it knows also on its one-step forecasts.
 
     Raises:
         DataError: unreadable file, unparsable timestamp or value, a series too short for its
             probationary period.
+        ModelError: the bundle cannot be loaded.
     """
     started = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
     settings = settings_from(config)
+    model = None
+    if bundle is not None:
+        from serving.runtime import load_model
+
+        model = load_model("champion", Path(bundle), source=str(bundle), device="cpu")
+    on_model: list[str] = []
     fraction = getattr(getattr(config, "anomaly", None), "probation_fraction", None)
     original, long = _read(input_path)
     score = np.zeros(len(long))
@@ -223,8 +253,17 @@ def run_detect(input_path: Path, output_path: Path, config: Config | None = None
         stamps = series[TIME_COL].to_numpy()[order]
         values = series[TARGET_COL].to_numpy(dtype=np.float64)[order]
         probation = probationary_length(len(values), *(() if fraction is None else (fraction,)))
+        expected = None
+        if model is not None and str(uid) in model.spec.series:
+            from serving.runtime import one_step_forecasts
+
+            ns = stamps.astype("datetime64[ns]").astype(np.int64)
+            expected = one_step_forecasts(model, str(uid), values, ns)
+            on_model.append(str(uid))
         try:
-            result, probation = detect_series(values, stamps, settings, probation=probation)
+            result, probation = detect_series(
+                values, stamps, settings, probation=probation, expected=expected
+            )
         except DataError as exc:
             raise DataError(
                 f"{input_path}: series '{uid}' ({len(values)} rows): {exc.message}",
@@ -247,6 +286,7 @@ def run_detect(input_path: Path, output_path: Path, config: Config | None = None
         flagged=int(flag.sum()),
         probation_rows=probations,
         seconds=time.perf_counter() - started,
+        on_model=tuple(on_model),
     )
     logger.info(
         "detect: %d rows, %d series, %d flagged -> %s",

@@ -3,9 +3,9 @@
 Stateless: each series is fitted on its leading `fit_size` points (taken as normal) and every
 later point is scored causally, as `AnomalyDetector.fit(values[:fit]).score(values, start=fit)`.
 A series with timestamps (or a start) that the served model knows is screened against the
-model's one-step forecasts (`Runtime.one_step`): they replace the detector's own one-step
-forecasts wherever the model has a complete window, and their residuals on the fit segment seed
-the one-step calibration.
+model's one-step forecasts (`Runtime.one_step`): their residuals are one more test beside the
+detector's own forecasters' (wherever the model has a complete window), calibrated from the
+model's residuals on the fit segment, and they are the reported expected values.
 """
 
 from __future__ import annotations

@@ -802,13 +802,16 @@ def one_step_forecasts(
         return out
     offset = ns - grid.anchor_ns
     t = offset // grid.step_ns
-    usable = np.isfinite(values) & (offset % grid.step_ns == 0)
-    usable &= np.abs(values) <= np.finfo(np.float32).max
-    counts = np.concatenate([[0], np.cumsum(usable)])
+    on_grid = offset % grid.step_ns == 0
+    usable = np.isfinite(values) & on_grid & (np.abs(values) <= np.finfo(np.float32).max)
+    # Row i follows row i - 1 by one grid step (row 0 by none).
+    steps = np.concatenate([[False], (np.diff(t) == 1) & on_grid[1:] & on_grid[:-1]])
+    known, consecutive = (np.concatenate([[0], np.cumsum(a)]) for a in (usable, steps))
     rows = np.arange(need, n)
-    # Strictly increasing steps: `need` of them between r - need and r means all consecutive.
-    complete = (counts[rows] - counts[rows - need] == need) & (t[rows] - t[rows - need] == need)
-    rows = rows[complete & (offset[rows] % grid.step_ns == 0)]
+    # Window r: rows r - need .. r - 1 usable, and the need steps up to row r all one step.
+    complete = known[rows] - known[rows - need] == need
+    complete &= consecutive[rows + 1] - consecutive[rows - need + 1] == need
+    rows = rows[complete]
     if not rows.size:
         return out
     batch = TransformBatch.stack([spec])

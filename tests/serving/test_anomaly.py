@@ -194,3 +194,48 @@ def test_anomaly_auto_uses_the_detector_where_the_model_cannot(server: Any) -> N
     response = server.post("/anomaly", json={"series": series, "fit_size": 60})
     assert response.status_code == 200, response.text
     assert [s["forecaster"] for s in response.json()["series"]] == ["detector", "detector"]
+
+
+def test_detect_job_with_the_bundle_scores_as_the_endpoint_does(
+    server: Any, bundles: Any, kit: Any, tmp_path: Any
+) -> None:
+    """`forecaster detect --bundle` on a long CSV: the series the model knows get its one-step
+    forecasts, exactly as /anomaly with the NAB probationary fit segment; others do not."""
+    import pandas as pd
+
+    from forecaster.anomaly import probationary_length
+    from pipelines.detect import run_detect
+
+    item, raw = _plant_anomaly_item(bundles, kit, spike=250)
+    ds = pd.date_range(item["start"], periods=len(raw), freq="h")
+    frame = pd.concat(
+        [
+            pd.DataFrame({"unique_id": "plant_000", "ds": ds, "y": raw}),
+            pd.DataFrame({"unique_id": "stranger", "ds": ds, "y": raw}),
+        ]
+    )
+    source, scored = tmp_path / "in.csv", tmp_path / "out.csv"
+    frame.to_csv(source, index=False)
+    report = run_detect(source, scored, bundle=bundles.champion)
+    assert report.on_model == ("plant_000",)
+    out = pd.read_csv(scored)
+    fit = probationary_length(len(raw))
+    answer = server.post("/anomaly", json={"series": [item], "fit_size": fit}).json()["series"][0]
+    assert answer["forecaster"] == "champion"
+    known = out[out["unique_id"] == "plant_000"]
+    np.testing.assert_allclose(known["anomaly_score"].to_numpy()[fit:], answer["score"], atol=1e-9)
+    assert known["is_anomaly"].to_numpy()[fit:].tolist() == answer["is_anomaly"]
+    plain = AnomalyDetector(DetectorSettings()).fit(raw[:fit]).score(raw, start=fit)
+    stranger = out[out["unique_id"] == "stranger"]
+    np.testing.assert_allclose(stranger["anomaly_score"].to_numpy(), plain.score, atol=1e-9)
+    # The command line gives the same file.
+    from typer.testing import CliRunner
+
+    from forecaster.cli import app
+
+    again = tmp_path / "again.csv"
+    command = ["detect", "-i", str(source), "-o", str(again), "--bundle", str(bundles.champion)]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert "1 on the model's forecasts" in result.output
+    pd.testing.assert_frame_equal(pd.read_csv(again), out)
