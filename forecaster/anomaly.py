@@ -98,7 +98,9 @@ class DetectorSettings:
 
     Attributes:
         false_alarm_rate: flag a point when its combined p-value is <= this.
-        horizons: forecast horizons whose residuals are scored (1 is the one-step forecast).
+        horizons: forecast horizons whose residuals are scored (1 is the one-step forecast; a
+            long one sees slow excursions the short ones follow). A horizon whose forecaster
+            needs more points than the fit segment has (`fit_points`) is left out.
         lags: recent changes used as inputs of each forecast.
         season: seasonal period; None detects it on the fit segment, 0 means none.
         max_season: longest period `detect_season` considers.
@@ -116,12 +118,12 @@ class DetectorSettings:
     """
 
     false_alarm_rate: float = 0.001
-    horizons: tuple[int, ...] = (1, 8)
+    horizons: tuple[int, ...] = (1, 8, 32)
     lags: int = 2
     season: int | None = None
     max_season: int = 1000
     calibration_window: int = 6000
-    tail_fraction: float = 0.05
+    tail_fraction: float = 0.06
     ridge: float = 1e-3
     hold: int = 100
     change_window: int = 32
@@ -129,10 +131,15 @@ class DetectorSettings:
     hold_level: float = 0.9
     max_gap_fill: int = 32
 
+    def fit_points(self, h: int) -> int:
+        """Fewest known points the direct forecaster of horizon `h` is fitted on."""
+        return 2 * (h + self.lags) + 10
+
     @property
     def min_fit_points(self) -> int:
-        """Fewest known points `AnomalyDetector.fit` accepts with these settings."""
-        return 2 * (max(self.horizons) + self.lags) + 10
+        """Fewest known points `AnomalyDetector.fit` accepts with these settings (those of the
+        shortest horizon; a longer horizon needing more is left out of a shorter fit)."""
+        return self.fit_points(min(self.horizons))
 
     def __post_init__(self) -> None:
         problems = []
@@ -478,6 +485,8 @@ class AnomalyDetector:
             self.hold = round(settings.hold_fraction * len(raw))
         self._horizons = []
         for h in settings.horizons:
+            if known.size < settings.fit_points(h):
+                continue  # too few points to fit this horizon's forecaster: left out
             seasonal = self.season > 0 and len(y) >= self._needed(h, True) + 3 * (settings.lags + 2)
             horizon = _Horizon(
                 h=h,

@@ -220,12 +220,12 @@ class AnomalyConfig(_Section):
     """The causal anomaly detector (forecaster/anomaly.py `DetectorSettings`)."""
 
     false_alarm_rate: float = Field(0.001, gt=0, lt=1, description="flag when p <= this")
-    horizons: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    horizons: list[int] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
     lags: int = Field(2, ge=1, description="recent changes feeding each forecast")
     season: int | None = Field(None, ge=0, description="None: detect; 0: none")
     max_season: int = Field(1000, ge=2)
     calibration_window: int = Field(6000, ge=10, description="past residuals per horizon")
-    tail_fraction: float = Field(0.05, gt=0, lt=0.5)
+    tail_fraction: float = Field(0.06, gt=0, lt=0.5)
     hold: int = Field(
         100, ge=0, description="points after an alarm that need 2x surprise (no hold_fraction)"
     )

@@ -151,6 +151,17 @@ def test_too_short_fit_segment_is_refused() -> None:
         AnomalyDetector(settings).fit(short)
 
 
+def test_a_short_fit_segment_leaves_out_the_horizons_it_cannot_fit() -> None:
+    settings = DetectorSettings(horizons=(1, 8, 32), lags=2)
+    assert settings.min_fit_points == settings.fit_points(1) == 16
+    y = _seasonal(600)
+    for n_fit, fitted in ((16, [1]), (29, [1]), (30, [1, 8]), (77, [1, 8]), (78, [1, 8, 32])):
+        detector = AnomalyDetector(settings).fit(y[:n_fit])
+        assert [horizon.h for horizon in detector._horizons] == fitted, n_fit
+        result = detector.score(y, start=n_fit)
+        assert np.isfinite(result.score).all()
+
+
 def test_bad_settings_name_the_field() -> None:
     with pytest.raises(ModelError, match="false_alarm_rate: 1.5 is not in"):
         DetectorSettings(false_alarm_rate=1.5)
@@ -364,7 +375,9 @@ def test_the_hold_is_a_share_of_the_fit_segment() -> None:
 
 def test_refractory_period_mutes_a_like_outlier_inside_it_only() -> None:
     # The same outlier again inside the hold is the same event; after the hold it is news.
-    settings = {"hold_fraction": 0.2}
+    # Horizons up to 8 keep the spikes' echoes (in the forecasts anchored on them, h steps
+    # later) inside the hold; a 32-step horizon echoes the second spike just past it.
+    settings = {"hold_fraction": 0.2, "horizons": (1, 8)}
     y = _seasonal(2000, seed=14)
     hold = _fitted(y, 500, **settings).hold
     assert hold == 100
