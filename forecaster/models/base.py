@@ -14,7 +14,7 @@ three callers:
 The carried state is always ONE tensor `s [N, S]` with `S = state_size` (GRU/MI-GRU: `h`;
 LSTM: `[h; c]`; LMN: `m`; SCRN: `[s_ctx; h]`), which keeps the time loop, the ONNX step graph and
 the feedback trainer generic. Everything else (`step`, `run_states`, `forward`, `forecast`,
-`recompute_states`) is written once here from those three pieces.
+`recompute_states`, `cell_backward`) is written once here from those three pieces.
 
 Export requirements (forecaster/export.py scripts the loop with `torch.jit.script`):
 `project_inputs`, `recur` and `readout` must be TorchScript-compatible (annotated tensor
@@ -173,6 +173,20 @@ class RecurrentForecaster(nn.Module):
         a = self.project_inputs(x).reshape(batch * steps, -1)  # [B*T, P]
         s = self.recur(a, s_prev.reshape(batch * steps, self.state_size))  # [B*T, S]
         return s.reshape(batch, steps, self.state_size)
+
+    @torch.jit.ignore
+    def cell_backward(self, x: Tensor, s_prev: Tensor, delta: Tensor) -> None:
+        """Accumulate `Σ_rows (∂ recur(project_inputs(x), s_prev) / ∂θ)ᵀ δ` into the parameters'
+        `.grad` for rows `x [R, d]`, `s_prev [R, S]` (no gradient flows into it), `δ [R, S]`:
+        steps (b) and (d) of ALGORITHMS.md §5.2 for one block of rows (the fixed-feedback
+        trainer's `batched_cell_backward`).
+
+        This default re-evaluates the rows with autograd and back-propagates `δ`; a model may
+        replace it with a closed form giving the same gradients (LMN: no forward of the linear
+        memory, no input gradient of it).
+        """
+        s_hat = self.recur(self.project_inputs(x), s_prev)  # [R, S]
+        s_hat.backward(delta.to(s_hat.dtype))
 
     def _check_input(self, x: Tensor, s0: Tensor | None) -> None:
         if x.dim() != 3 or x.size(-1) != self.input_size:

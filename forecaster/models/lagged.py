@@ -87,6 +87,13 @@ class LinearLags(RecurrentForecaster):
         new_cell = self.inner.recur(a_cell, cell)
         return torch.cat([new_cell, register[..., d:], x_t], dim=-1)
 
+    @torch.jit.ignore
+    def cell_backward(self, x: Tensor, s_prev: Tensor, delta: Tensor) -> None:
+        """The cell's `cell_backward` on its part of the state: the register's shift has no
+        parameters."""
+        cell = self.cell_size
+        self.inner.cell_backward(x, s_prev[:, :cell], delta[:, :cell])
+
     def readout(self, s: Tensor) -> Tensor:
         """`[..., S] -> [..., H]`: `W_c c + W_ℓ ℓ + b`."""
         if self.contiguous_head:

@@ -786,9 +786,11 @@ def batched_cell_backward(
     s_tm = s_prev.detach().transpose(0, 1)  # [T, B, S]
     d_tm = delta.transpose(0, 1)  # [T, B, S]
     for steps_block in _time_blocks(model, x, block_rows):
-        a = model.project_inputs(x_tm[steps_block].reshape(-1, x.shape[-1]))  # [rows, P]
-        s_hat = model.recur(a, s_tm[steps_block].reshape(-1, width))  # [rows, S]
-        s_hat.backward(d_tm[steps_block].reshape(-1, width).to(s_hat.dtype))
+        model.cell_backward(
+            x_tm[steps_block].reshape(-1, x.shape[-1]),  # [rows, d]
+            s_tm[steps_block].reshape(-1, width),  # [rows, S]
+            d_tm[steps_block].reshape(-1, width),  # [rows, S]
+        )
 
 
 def _time_blocks(model: RecurrentForecaster, x: Tensor, block_rows: int | None) -> list[slice]:

@@ -683,3 +683,43 @@ def test_matrix_feedback_follows_bptt_better_than_the_diagonal_on_an_lmn() -> No
     cosines = _cosines(model, x, y, m, feedbacks)
     assert cosines["jacobian_matrix"] > cosines["jacobian_mean"], cosines
     assert cosines["jacobian_matrix"] >= 0.9, cosines
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"memory_size": 6},
+        {"memory_size": 6, "activation": "sigmoid"},
+        {"memory_size": 6, "linear_lags": 3},
+    ],
+    ids=["tanh", "sigmoid", "lagged"],
+)
+def test_lmn_closed_form_cell_backward_equals_autograd(params: dict[str, object]) -> None:
+    """LMN's hand-written `cell_backward` gives the gradients of the autograd default, adds to
+    gradients already there, and falls back to autograd when a parameter is frozen."""
+    model = _model("lmn", params)
+    x, _, _ = _data()
+    rows = x.reshape(-1, D)
+    s_prev = torch.randn(len(rows), model.state_size, dtype=F64)
+    delta = torch.randn(len(rows), model.state_size, dtype=F64)
+    assert type(model).cell_backward is not RecurrentForecaster.cell_backward
+
+    model.zero_grad(set_to_none=True)
+    RecurrentForecaster.cell_backward(model, rows, s_prev, delta)
+    reference = parameter_grads(model)
+    model.zero_grad(set_to_none=True)
+    model.cell_backward(rows, s_prev, delta)
+    closed = parameter_grads(model)
+    assert closed.keys() == reference.keys()
+    assert max_grad_diff(closed, reference) <= 1e-12
+    model.cell_backward(rows, s_prev, delta)  # accumulates, as backward() does
+    twice = {k: 2 * v for k, v in reference.items()}
+    assert max_grad_diff(parameter_grads(model), twice) <= 1e-12
+
+    name, frozen = next((n, p) for n, p in model.named_parameters() if "memory_to_hidden" in n)
+    frozen.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model.cell_backward(rows, s_prev, delta)
+    assert frozen.grad is None
+    partial = {k: v for k, v in parameter_grads(model).items() if k != name}
+    assert max_grad_diff(partial, {k: reference[k] for k in partial}) <= 1e-12
