@@ -955,9 +955,8 @@ class Runtime:
     ) -> tuple[npt.NDArray[np.float64], Role, str] | None:
         """The one-step forecasts of every point of an anomaly request's series by the champion,
         else the fallback (`one_step_forecasts`), with the role and source of the model that
-        gave them (`serving.detect.ModelForecasts`); None when no
-        model can (no timestamps, unknown series, no model loaded, every model failed) and
-        they are not `required`.
+        gave them (`serving.detect.ModelForecasts`); None when no model can (no timestamps,
+        unknown series, no model loaded, every model failed) and they are not `required`.
 
         Raises:
             DataError: bad timestamps; `required` and the series has no timestamps or start, or
