@@ -15,8 +15,6 @@ Two extensions of ours, both exact in a limit and tested there:
 - correction sweeps (`corrected_deltas`): batched vector–Jacobian products on the stored
   states, parallel in time, each making one more step of every path exact; `T − 1` sweeps are
   BPTT.
-`jacobian_auto` picks one of the two mean-Jacobian feedbacks by gradient agreement with BPTT
-(`forecaster.training.gate.choose_feedback`, called by the trainer: it needs targets).
 Pinned by oracles O9 (T = 1 equals BPTT), O10 (exact when the cell's Jacobian is the fixed
 diagonal), O11 (`d = 0` equals fully truncated BPTT), O12 (the scans agree), O13 (the fast
 forward and the blocked re-evaluation match the model) and O14 (gradient quality). Gradients
