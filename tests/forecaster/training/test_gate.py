@@ -21,7 +21,6 @@ from forecaster.models.registry import build
 from forecaster.training.feedback import estimate_feedback, jacobian_profile
 from forecaster.training.gate import (
     ModelGateReport,
-    choose_feedback,
     gate_batches,
     jacobian_cv,
     run_model_gate,
@@ -350,73 +349,3 @@ def test_model_gate_report_round_trips_through_json() -> None:
         model, gate_batches(val_w, 1, 4), _loss(), FeedbackConfig(), model.decay.detach()
     )
     assert ModelGateReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
-
-
-# ---- kind jacobian_auto: the feedback whose gradient agrees better ---------------------------
-
-
-class DenseLinear(RecurrentForecaster):
-    """`s_t = A s_{t−1} + W x_t + b`: its Jacobian is the dense `A` (the matrix feedback is
-    exact, the diagonal is not)."""
-
-    name = "dense_linear"
-
-    def __init__(self, state_size: int = STATE, horizon: int = HORIZON) -> None:
-        super().__init__(1, state_size, horizon, state_size)
-        weight = torch.randn(state_size, state_size)
-        self.transition = nn.Parameter(0.8 * weight / torch.linalg.matrix_norm(weight, 2))
-        self.input_proj = nn.Linear(1, state_size)
-
-    def project_inputs(self, x: Tensor) -> Tensor:
-        return self.input_proj(x)
-
-    def recur(self, a_t: Tensor, s_prev: Tensor) -> Tensor:
-        return s_prev @ self.transition.T + a_t
-
-
-def _choose(model: RecurrentForecaster) -> tuple[object, dict[str, float]]:
-    train_w, val_w = _windows()
-    inputs = [train_w.batch(np.arange(16)).x.to(F64)]
-    return choose_feedback(model, inputs, gate_batches(val_w, 4, 8), _loss(), FeedbackConfig())
-
-
-def test_auto_feedback_keeps_the_matrix_where_it_is_exact() -> None:
-    torch.manual_seed(0)
-    model = DenseLinear().to(F64)
-    estimate, cosines = _choose(model)
-    assert estimate.kind == "jacobian_matrix"  # type: ignore[attr-defined]
-    assert cosines["jacobian_matrix"] == pytest.approx(1.0, abs=1e-10)
-    assert cosines["jacobian_mean"] < 0.999
-    assert torch.allclose(estimate.d, model.transition.detach(), atol=1e-12)  # type: ignore[attr-defined]
-    assert all(p.grad is None for p in model.parameters())
-    assert model.training
-
-
-def test_auto_feedback_keeps_the_diagonal_on_a_tie() -> None:
-    estimate, cosines = _choose(_linear())  # both exact: the diagonal matrix is diag(λ)
-    assert cosines["jacobian_matrix"] == pytest.approx(cosines["jacobian_mean"], abs=1e-9)
-    assert estimate.kind == "jacobian_mean"  # type: ignore[attr-defined]
-
-
-def test_auto_feedback_is_refused_where_no_gradient_can_decide() -> None:
-    train_w, _ = _windows()
-    inputs = [train_w.batch(np.arange(16)).x.to(F64)]
-    with pytest.raises(ModelError, match="'jacobian_auto' chooses between"):
-        estimate_feedback(_linear(), inputs, FeedbackConfig(kind="jacobian_auto"))
-    with pytest.raises(ModelError, match="at least one batch"):
-        choose_feedback(_linear(), inputs, [], _loss(), FeedbackConfig(kind="jacobian_auto"))
-
-
-def test_auto_feedback_trains_and_records_its_choice_every_epoch() -> None:
-    train_w, val_w = _windows()
-    torch.manual_seed(0)
-    result = train(DenseLinear().to(F64), train_w, val_w, _config(kind="jacobian_auto"), seed=3)
-    history = result.history
-    assert history.method == "feedback"
-    assert [r.feedback_kind for r in history.epochs] == ["jacobian_matrix"] * 3
-    assert result.feedback is not None
-    assert result.feedback.kind == "jacobian_matrix"
-    assert result.feedback.d.shape == (STATE, STATE)
-    assert history.model_gate[0].passed, history.model_gate[0].reason
-    plain = train(_linear(), train_w, val_w, _config(), seed=3).history
-    assert [r.feedback_kind for r in plain.epochs] == ["jacobian_mean"] * 3
