@@ -212,17 +212,14 @@ def split_method(label: str) -> tuple[str, dict[str, Any]]:
     if rest.startswith("-matrix"):
         feedback["kind"] = "jacobian_matrix"
         rest = rest.removeprefix("-matrix")
-    elif rest.startswith("-auto"):
-        feedback["kind"] = "jacobian_auto"
-        rest = rest.removeprefix("-auto")
     if rest.startswith("+c"):
         feedback["corrections"] = int(rest.removeprefix("+c"))
     return "feedback", feedback
 
 
 def method_label(label: str) -> str:
-    """argparse type of `--methods`: `bptt`, or `feedback[-matrix|-auto][+cK]` (K ≥ 1)."""
-    rest = label.removeprefix("feedback").removeprefix("-matrix").removeprefix("-auto")
+    """argparse type of `--methods`: `bptt`, or `feedback[-matrix][+cK]` (K ≥ 1)."""
+    rest = label.removeprefix("feedback").removeprefix("-matrix")
     suffix = rest.removeprefix("+c")
     if label == "bptt" or (
         label.startswith("feedback")
@@ -230,7 +227,7 @@ def method_label(label: str) -> str:
     ):
         return label
     raise argparse.ArgumentTypeError(
-        f"{label!r} is not 'bptt' or 'feedback[-matrix|-auto][+cK]' (K a positive integer)"
+        f"{label!r} is not 'bptt' or 'feedback[-matrix][+cK]' (K a positive integer)"
     )
 
 
@@ -462,7 +459,6 @@ def run_task(task: dict[str, Any], options: dict[str, Any], work: Path) -> dict[
         "best_val_loss": history.best_val_loss,
         "val_losses": [round(v, 5) for v in history.val_losses],
         "spectral_radius": [e.spectral_radius for e in history.epochs],
-        "feedback_kind": [e.feedback_kind for e in history.epochs],
     }
 
 

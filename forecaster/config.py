@@ -158,11 +158,8 @@ class FeedbackConfig(_Section):
     """The fixed state feedback d of fixed-feedback training (ALGORITHMS.md §5.3) and the
     model-side checks of its assumption (§5.5 checks 2-4)."""
 
-    # jacobian_matrix: the whole mean Jacobian as a non-diagonal fixed feedback M [S, S];
-    # jacobian_auto: at every estimate, whichever of the two agrees better with BPTT's gradient.
-    kind: Literal["jacobian_mean", "constant", "ssm_grid", "jacobian_matrix", "jacobian_auto"] = (
-        "jacobian_mean"
-    )
+    # jacobian_matrix: the whole mean Jacobian as a non-diagonal fixed feedback M [S, S].
+    kind: Literal["jacobian_mean", "constant", "ssm_grid", "jacobian_matrix"] = "jacobian_mean"
     value: float = Field(0.9, gt=-1, lt=1, description="d for kind 'constant'")
     rho_max: float = Field(0.999, gt=0, lt=1, description="clip of |d_u|")
     refresh_every: int = Field(1, ge=1, description="epochs between estimates of d")

@@ -594,12 +594,6 @@ def estimate_feedback(
         ModelError: the model does not support feedback, or `batches` is empty where needed.
     """
     _require_feedback(model)
-    if config.kind == "jacobian_auto":
-        raise ModelError(
-            "kind: 'jacobian_auto' chooses between 'jacobian_mean' and 'jacobian_matrix' by their "
-            "gradients, which needs targets: use forecaster.training.gate.choose_feedback",
-            field="kind",
-        )
     start = time.perf_counter()
     reference = model.head.weight
     width = model.state_size

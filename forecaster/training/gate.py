@@ -19,11 +19,6 @@ The data-side gate (check 1, ADF + KPSS) runs on the residuals before training
 `run_model_gate` measures all three and decides on the checks it is asked for: all of them
 before training, check 4 alone at the periodic rechecks (§5.5 "On failure"). The trainer
 (`forecaster.training.trainer`) switches to BPTT on a failure and records the reports.
-
-Check 4's measure also picks the feedback of `kind: jacobian_auto` (`choose_feedback`): the
-diagonal and the matrix mean-Jacobian feedback are both estimated and the one whose gradient
-agrees better with BPTT's is used. Neither is better everywhere (on ETT the matrix follows
-LMN's memory mixing and SCRN's context coupling, the diagonal suits the MI-GRU better).
 """
 
 from __future__ import annotations
@@ -42,9 +37,7 @@ from forecaster.config import FeedbackConfig
 from forecaster.errors import ModelError
 from forecaster.models.base import RecurrentForecaster
 from forecaster.training.feedback import (
-    FeedbackEstimate,
     LossFn,
-    estimate_feedback,
     jacobian_mean_matrix,
     jacobian_profile,
     spectral_radius,
@@ -57,7 +50,6 @@ __all__ = [
     "GateCheck",
     "GateStage",
     "ModelGateReport",
-    "choose_feedback",
     "gate_batches",
     "jacobian_cv",
     "run_model_gate",
@@ -179,60 +171,6 @@ def _gradient(
     return torch.cat(parts).to(torch.float64)
 
 
-def _joined(
-    model: RecurrentForecaster, batches: Sequence[WindowBatch]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The K batches as one, in the model's dtype: the loop overhead of the recurrences is paid
-    once (on the demo, 2x faster BPTT than four calls); cosines and ratios do not see the loss
-    scale."""
-    dtype = next(model.parameters()).dtype
-    return (
-        torch.cat([batch.x for batch in batches]).to(dtype),  # [K·B, T, d]
-        torch.cat([batch.target for batch in batches]).to(dtype),  # [K·B, T, H]
-        torch.cat([batch.mask for batch in batches]),  # [K·B, T, H]
-    )
-
-
-def choose_feedback(
-    model: RecurrentForecaster,
-    estimate_inputs: Sequence[Tensor],
-    batches: Sequence[WindowBatch],
-    loss_fn: LossFn,
-    config: FeedbackConfig,
-) -> tuple[FeedbackEstimate, dict[str, float]]:
-    """`kind: jacobian_auto`: estimate the diagonal (`jacobian_mean`) and the matrix
-    (`jacobian_matrix`) feedback on `estimate_inputs` and keep the one whose gradient on
-    `batches` has the higher cosine with BPTT's (recurrent parameters, as check 4; the diagonal
-    on a tie). Returns the estimate (its `kind` says which) and both cosines.
-
-    The model runs in eval mode in its own precision; its `.grad` are left cleared.
-
-    Raises:
-        ModelError: no batch, or a model without feedback support.
-    """
-    if not batches:
-        raise ModelError("batches: choosing the feedback needs at least one batch", field="batches")
-    estimates = {
-        kind: estimate_feedback(model, estimate_inputs, config.model_copy(update={"kind": kind}))
-        for kind in ("jacobian_mean", "jacobian_matrix")
-    }
-    joined = _joined(model, batches)
-    was_training = model.training
-    model.eval()
-    try:
-        g_bptt = _gradient(model, "bptt", joined, loss_fn, None)
-        cosines = {
-            kind: _gradient_agreement(
-                _gradient(model, "feedback", joined, loss_fn, e.d, config.corrections), g_bptt
-            )[0]
-            for kind, e in estimates.items()
-        }
-    finally:
-        model.train(was_training)
-    matrix = cosines["jacobian_matrix"] > cosines["jacobian_mean"]  # NaN: the diagonal
-    return estimates["jacobian_matrix" if matrix else "jacobian_mean"], cosines
-
-
 def _gradient_agreement(feedback: Tensor, bptt: Tensor) -> tuple[float, float]:
     norm_f, norm_b = float(feedback.norm()), float(bptt.norm())
     if norm_b == 0.0:
@@ -279,7 +217,14 @@ def run_model_gate(
             "batches: the model gate needs at least one validation batch", field="batches"
         )
     start = time.perf_counter()
-    joined = _joined(model, batches)
+    dtype = next(model.parameters()).dtype
+    # The K batches go through as one: the loop overhead of the recurrences is paid once (on
+    # the demo, 2x faster BPTT than four calls); cosine and ratio do not see the loss scale.
+    joined = (
+        torch.cat([batch.x for batch in batches]).to(dtype),  # [K·B, T, d]
+        torch.cat([batch.target for batch in batches]).to(dtype),  # [K·B, T, H]
+        torch.cat([batch.mask for batch in batches]),  # [K·B, T, H]
+    )
     was_training = model.training
     model.eval()
     try:

@@ -52,12 +52,7 @@ from forecaster.training.checkpoint import (
     save_checkpoint,
 )
 from forecaster.training.feedback import FeedbackEstimate, LossFn, estimate_feedback
-from forecaster.training.gate import (
-    ModelGateReport,
-    choose_feedback,
-    gate_batches,
-    run_model_gate,
-)
+from forecaster.training.gate import ModelGateReport, gate_batches, run_model_gate
 from forecaster.training.gradients import compute_gradients
 from forecaster.training.windows import ForkingWindows, WindowBatch
 
@@ -118,8 +113,6 @@ class EpochRecord:
         method: the method that produced the gradients (`feedback`, `bptt`, `tbptt`).
         spectral_radius: max |d_u| of the feedback in use (feedback only).
         unclipped_spectral_radius: the estimate's radius before clipping to `rho_max`.
-        feedback_kind: the feedback in use (`jacobian_mean`, `jacobian_matrix`, ...; with
-            `jacobian_auto`, the one it chose); None without feedback.
         feedback_seconds: time spent estimating `d` this epoch (None when not re-estimated).
         gate_seconds: time spent in the model-side gate before this epoch (None: it did not run).
     """
@@ -137,7 +130,6 @@ class EpochRecord:
     method: str
     spectral_radius: float | None = None
     unclipped_spectral_radius: float | None = None
-    feedback_kind: str | None = None
     feedback_seconds: float | None = None
     gate_seconds: float | None = None
 
@@ -553,7 +545,6 @@ class _Run:
             unclipped_spectral_radius=(
                 None if estimate is None else float(estimate.unclipped_spectral_radius)
             ),
-            feedback_kind=None if estimate is None else estimate.kind,
             feedback_seconds=feedback_seconds,
             gate_seconds=gate_seconds,
         )
@@ -610,26 +601,7 @@ class _Run:
         start = time.perf_counter()
         # Every rank estimates from the same (global) batches; rank 0's d is used by all, so
         # nondeterministic kernels cannot give the ranks different backward systems.
-        if feedback.kind == "jacobian_auto":
-            self.estimate, cosines = choose_feedback(
-                self.model, batches, self._gate_data(), self.loss_fn, feedback
-            )
-            kind = ddp.broadcast_object(self.estimate.kind, self.group)  # rank 0's choice
-            if kind != self.estimate.kind:
-                update = {"kind": kind}
-                self.estimate = estimate_feedback(
-                    self.model, batches, feedback.model_copy(update=update)
-                )
-            logger.info(
-                "feedback before epoch %d: %s (gradient cosine with BPTT: diagonal %.3f, "
-                "matrix %.3f)",
-                self.epoch,
-                self.estimate.kind,
-                cosines["jacobian_mean"],
-                cosines["jacobian_matrix"],
-            )
-        else:
-            self.estimate = estimate_feedback(self.model, batches, feedback)
+        self.estimate = estimate_feedback(self.model, batches, feedback)
         self.d = ddp.broadcast_tensor(
             self.estimate.d.to(device=self.device, dtype=dtype).contiguous(), self.group
         )
@@ -659,11 +631,13 @@ class _Run:
         ):
             return None
         start = time.perf_counter()
-        if feedback.kind == "jacobian_auto" and self.estimate is not None:
-            feedback = feedback.model_copy(update={"kind": self.estimate.kind})  # the one in use
+        if self.gate_data is None:
+            self.gate_data = gate_batches(
+                self.val_windows, feedback.gate_batches, self.config.batch_size
+            )
         report = run_model_gate(
             self.model,
-            self._gate_data(),
+            self.gate_data,
             self.loss_fn,
             feedback,
             self.d,
@@ -686,15 +660,6 @@ class _Run:
                 f"(last: {report.reason}); switched to bptt from epoch {self.epoch} (warm start)"
             )
         return time.perf_counter() - start
-
-    def _gate_data(self) -> list[WindowBatch]:
-        """The validation batches of the model gate (and of `jacobian_auto`'s choice)."""
-        if self.gate_data is None:
-            feedback = self.config.feedback
-            self.gate_data = gate_batches(
-                self.val_windows, feedback.gate_batches, self.config.batch_size
-            )
-        return self.gate_data
 
     def _switch_to_bptt(self, why: str) -> None:
         logger.warning("%s", why)
