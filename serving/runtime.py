@@ -989,12 +989,7 @@ class Runtime:
                     model, uid, values, ns, chunk_rows=self.settings.batch_max_rows
                 )
             except Exception as exc:  # ORT raises untyped errors; any failure moves on
-                reason = exc.message if isinstance(exc, ForecasterError) else repr(exc)
-                logger.warning("%s failed on anomaly forecasts: %s", model.role, reason)
-                failures.append(f"{model.role}: {reason}")
-                if model.role == "champion":
-                    with self._health.lock:
-                        self._health.champion_failing = reason
+                failures.append(self._failed(model, exc, "on anomaly forecasts"))
                 continue
             self.observer.inference(model.role, time.perf_counter() - started)
             if model.role == "fallback" and not isinstance(models.champion, LoadedModel):
@@ -1051,12 +1046,7 @@ class Runtime:
                     raise ModelError(f"{model.role} returned non-finite values")
                 forecasts = _finish(model, batch, z)
             except Exception as exc:  # ORT raises untyped errors; any failure moves on
-                reason = exc.message if isinstance(exc, ForecasterError) else repr(exc)
-                logger.warning("%s failed: %s", model.role, reason)
-                failures.append(f"{model.role}: {reason}")
-                if model.role == "champion":
-                    with self._health.lock:
-                        self._health.champion_failing = reason
+                failures.append(self._failed(model, exc))
                 continue
             if states is not None:
                 hits = sum(plan.state is not None for plan in batch.plans)
@@ -1080,6 +1070,16 @@ class Runtime:
                 forecasts=forecasts,
             )
         raise ModelUnavailable("every model failed: " + "; ".join(failures))
+
+    def _failed(self, model: LoadedModel, exc: Exception, what: str = "") -> str:
+        """Log a model's failure (a failing champion degrades the set) and say it for the
+        `every model failed` message."""
+        reason = exc.message if isinstance(exc, ForecasterError) else repr(exc)
+        logger.warning("%s failed%s: %s", model.role, f" {what}" if what else "", reason)
+        if model.role == "champion":
+            with self._health.lock:
+                self._health.champion_failing = reason
+        return f"{model.role}: {reason}"
 
     def _build(self, previous: ModelSet | None) -> ModelSet:
         settings = self.settings
