@@ -236,7 +236,7 @@ def run_detect(
     settings = settings_from(config)
     model = None
     if bundle is not None:
-        from serving.runtime import load_model
+        from serving.runtime import load_model, one_step_forecasts
 
         model = load_model("champion", Path(bundle), source=str(bundle), device="cpu")
     on_model: list[str] = []
@@ -255,8 +255,6 @@ def run_detect(
         probation = probationary_length(len(values), *(() if fraction is None else (fraction,)))
         expected = None
         if model is not None and str(uid) in model.spec.series:
-            from serving.runtime import one_step_forecasts
-
             ns = stamps.astype("datetime64[ns]").astype(np.int64)
             expected = one_step_forecasts(model, str(uid), values, ns)
             on_model.append(str(uid))

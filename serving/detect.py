@@ -22,9 +22,11 @@ from serving.schemas import AnomalyRequest, AnomalyResponse, AnomalySeriesInput,
 
 __all__ = ["ModelForecasts", "detect"]
 
-# (series, field prefix, required) -> (one-step forecasts [n], role, version) or None
+# (series, its values [n] with NaN where missing, field prefix, required)
+#   -> (one-step forecasts [n], role, version) or None
 ModelForecasts = Callable[
-    [AnomalySeriesInput, str, bool], tuple[npt.NDArray[np.float64], str, str] | None
+    [AnomalySeriesInput, npt.NDArray[np.float64], str, bool],
+    tuple[npt.NDArray[np.float64], str, str] | None,
 ]
 
 
@@ -72,7 +74,7 @@ def detect(
             )
         answer = None
         if model is not None and request.forecaster != "detector":
-            answer = model(series, prefix, request.forecaster == "model")
+            answer = model(series, values, prefix, request.forecaster == "model")
         expected, role, version = answer if answer is not None else (None, "detector", None)
         try:
             detector = AnomalyDetector(settings).fit(

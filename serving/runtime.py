@@ -951,12 +951,17 @@ class Runtime:
             return step
 
     def one_step(
-        self, series: AnomalySeriesInput, prefix: str, required: bool
+        self,
+        series: AnomalySeriesInput,
+        values: npt.NDArray[np.float64],
+        prefix: str,
+        required: bool,
     ) -> tuple[npt.NDArray[np.float64], Role, str] | None:
         """The one-step forecasts of every point of an anomaly request's series by the champion,
         else the fallback (`one_step_forecasts`), with the role and source of the model that
-        gave them (`serving.detect.ModelForecasts`); None when no model can (no timestamps,
-        unknown series, no model loaded, every model failed) and they are not `required`.
+        gave them (`serving.detect.ModelForecasts`; `values` are the series' values, NaN where
+        missing); None when no model can (no timestamps, unknown series, no model loaded, every
+        model failed) and they are not `required`.
 
         Raises:
             DataError: bad timestamps; `required` and the series has no timestamps or start, or
@@ -978,7 +983,6 @@ class Runtime:
             if required:
                 raise ModelUnavailable("no model is loaded: " + _errors(models))
             return None
-        values = np.array([np.nan if v is None else v for v in series.values], dtype=np.float64)
         failures = []
         known = [model for model in loaded if uid in model.spec.series]
         for model in known:
