@@ -228,6 +228,7 @@ class AnomalyRequest(_Request):
                     "series": [
                         {
                             "unique_id": "plant_000",
+                            "start": "2024-03-18T00:00:00",
                             "values": [70.0 + (i % 24) / 4 for i in range(60)] + [95.0],
                         }
                     ],

@@ -239,3 +239,14 @@ def test_detect_job_with_the_bundle_scores_as_the_endpoint_does(
     assert result.exit_code == 0, result.output
     assert "1 on the model's forecasts" in result.output
     pd.testing.assert_frame_equal(pd.read_csv(again), out)
+
+
+def test_the_documented_anomaly_example_is_answered_on_the_models_forecasts(server: Any) -> None:
+    spec = server.get("/docs.json").json()
+    body = spec["paths"]["/anomaly"]["post"]["requestBody"]["content"]["application/json"]
+    example = body["schema"]["examples"][0]
+    response = server.post("/anomaly", json=example)
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["series"]
+    assert result["forecaster"] == "champion"
+    assert result["is_anomaly"][-1] is True  # the final 95.0 after a daily pattern near 70-76
