@@ -51,6 +51,7 @@ brings the result back to the input's rows), so lags and seasons count time, not
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 from collections import deque
 from dataclasses import dataclass, fields
@@ -499,21 +500,21 @@ class AnomalyDetector:
                 ),
             )
             residuals = self._fit_horizon(horizon, y)
-            if not self._horizons:
-                seed = residuals
             for a in residuals[-settings.calibration_window :]:
                 horizon.calibration.remember(self._nonconformity(float(a)))
             self._horizons.append(horizon)
+        # A forecasting model's residuals are seeded like the shortest horizon's, or from the
+        # model's own fit-segment residuals when there are enough of them.
+        self._model = copy.deepcopy(self._horizons[0].calibration)
         if external is not None:
             model_residuals = np.abs(raw - external)
             model_residuals = model_residuals[~np.isnan(model_residuals)]
             if model_residuals.size >= _MIN_EXTERNAL_SEED:
-                seed = model_residuals
-        self._model = _Calibration(
-            settings.calibration_window, settings.tail_fraction, self._resolution
-        )
-        for a in seed[-settings.calibration_window :]:
-            self._model.remember(self._nonconformity(float(a)))
+                self._model = _Calibration(
+                    settings.calibration_window, settings.tail_fraction, self._resolution
+                )
+                for a in model_residuals[-settings.calibration_window :]:
+                    self._model.remember(self._nonconformity(float(a)))
         self._agreement = _Calibration(settings.calibration_window, settings.tail_fraction, 1e-6)
         self._change = None
         if settings.change_window:
