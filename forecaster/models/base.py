@@ -175,15 +175,28 @@ class RecurrentForecaster(nn.Module):
         return s.reshape(batch, steps, self.state_size)
 
     @torch.jit.ignore
-    def cell_backward(self, x: Tensor, s_prev: Tensor, delta: Tensor) -> None:
+    def feedback_forward(self, x: Tensor, s0: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Optional no-grad forward of fixed-feedback training that also keeps per-step values
+        the model's `cell_backward` reuses instead of recomputing them (step (a) of
+        ALGORITHMS.md §5.2): `x [B, T, d], s0 [B, S] -> (states [B, T+1, S], aux [T, B, C])`,
+        `aux` time-major. None (this default): the trainer runs the generic `states_no_grad` and
+        passes no `aux` (LMN keeps its functional component's outputs `h_t`).
+        """
+        return None
+
+    @torch.jit.ignore
+    def cell_backward(
+        self, x: Tensor, s_prev: Tensor, delta: Tensor, aux: Tensor | None = None
+    ) -> None:
         """Accumulate `Σ_rows (∂ recur(project_inputs(x), s_prev) / ∂θ)ᵀ δ` into the parameters'
         `.grad` for rows `x [R, d]`, `s_prev [R, S]` (no gradient flows into it), `δ [R, S]`:
         steps (b) and (d) of ALGORITHMS.md §5.2 for one block of rows (the fixed-feedback
-        trainer's `batched_cell_backward`).
+        trainer's `batched_cell_backward`). `aux [R, C]`: the rows of `feedback_forward`'s
+        auxiliaries when the model returned them, else None.
 
-        This default re-evaluates the rows with autograd and back-propagates `δ`; a model may
-        replace it with a closed form giving the same gradients (LMN: no forward of the linear
-        memory, no input gradient of it).
+        This default re-evaluates the rows with autograd and back-propagates `δ` (it returns no
+        `aux`, so it ignores it); a model may replace it with a closed form giving the same
+        gradients (LMN: no forward of the linear memory, no input gradient of it).
         """
         s_hat = self.recur(self.project_inputs(x), s_prev)  # [R, S]
         s_hat.backward(delta.to(s_hat.dtype))

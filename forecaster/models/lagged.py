@@ -88,11 +88,13 @@ class LinearLags(RecurrentForecaster):
         return torch.cat([new_cell, register[..., d:], x_t], dim=-1)
 
     @torch.jit.ignore
-    def cell_backward(self, x: Tensor, s_prev: Tensor, delta: Tensor) -> None:
+    def cell_backward(
+        self, x: Tensor, s_prev: Tensor, delta: Tensor, aux: Tensor | None = None
+    ) -> None:
         """The cell's `cell_backward` on its part of the state: the register's shift has no
-        parameters."""
+        parameters. (No `feedback_forward` here, so `aux` is always None.)"""
         cell = self.cell_size
-        self.inner.cell_backward(x, s_prev[:, :cell], delta[:, :cell])
+        self.inner.cell_backward(x, s_prev[:, :cell], delta[:, :cell], aux)
 
     def readout(self, s: Tensor) -> Tensor:
         """`[..., S] -> [..., H]`: `W_c c + W_ℓ ℓ + b`."""

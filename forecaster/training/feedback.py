@@ -51,6 +51,7 @@ __all__ = [
     "corrected_deltas",
     "estimate_feedback",
     "feedback_gradients",
+    "feedback_states",
     "jacobian_diagonal",
     "jacobian_mean_matrix",
     "jacobian_profile",
@@ -740,6 +741,22 @@ def states_no_grad(model: RecurrentForecaster, x: Tensor, s0: Tensor | None = No
         return loop(x, s)
 
 
+def feedback_states(
+    model: RecurrentForecaster, x: Tensor, s0: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Step (a) of §5.2 for the fixed-feedback gradient: the states `[B, T+1, S]` and the
+    model's per-step auxiliaries `[T, B, C]` for its `cell_backward` (`feedback_forward`), or
+    `states_no_grad`'s states and None where the model keeps none (or under autocast)."""
+    _check_window(model, x, s0)
+    if not torch.is_autocast_enabled(x.device.type):
+        with torch.no_grad():
+            s = model.initial_state(x.size(0), x.device, x.dtype) if s0 is None else s0
+            kept = model.feedback_forward(x, s)
+        if kept is not None:
+            return kept
+    return states_no_grad(model, x, s0), None
+
+
 def _default_block_rows(model: RecurrentForecaster, x: Tensor) -> int:
     if x.device.type != "cpu":
         return x.shape[0] * x.shape[1]  # one call: the GPU wants the big batched matmuls
@@ -755,6 +772,7 @@ def batched_cell_backward(
     delta: Tensor,
     *,
     block_rows: int | None = None,
+    aux: Tensor | None = None,
 ) -> None:
     """Steps (b) and (d) of §5.2: re-evaluate every step on the given previous states with
     autograd and back-propagate `δ`, i.e. accumulate `Σ_t (∂f(x_t, s_{t−1}; θ)/∂θ)ᵀ δ_t` into
@@ -772,6 +790,8 @@ def batched_cell_backward(
         delta: `δ_t = dL/ds_t` `[B, T, S]` (from `reverse_scan`).
         block_rows: rows per block (rounded to whole steps); None: cache-sized on CPU, all
             rows on other devices.
+        aux: the model's per-step auxiliaries `[T, B, C]` from `feedback_forward`, handed to its
+            `cell_backward` block by block; None: none.
     """
     _check_window(model, x, None)
     batch, steps = x.shape[0], x.shape[1]
@@ -782,6 +802,11 @@ def batched_cell_backward(
                 f"{name}: shape {tuple(value.shape)} is not [B, T, S] = {(batch, steps, width)}",
                 field=name,
             )
+    if aux is not None and (aux.dim() != 3 or aux.shape[:2] != (steps, batch)):
+        raise ModelError(
+            f"aux: shape {tuple(aux.shape)} is not [T, B, C] with [T, B] = {[steps, batch]}",
+            field="aux",
+        )
     x_tm = x.transpose(0, 1)  # [T, B, d]: time blocks are contiguous slices of time-major data
     s_tm = s_prev.detach().transpose(0, 1)  # [T, B, S]
     d_tm = delta.transpose(0, 1)  # [T, B, S]
@@ -790,6 +815,7 @@ def batched_cell_backward(
             x_tm[steps_block].reshape(-1, x.shape[-1]),  # [rows, d]
             s_tm[steps_block].reshape(-1, width),  # [rows, S]
             d_tm[steps_block].reshape(-1, width),  # [rows, S]
+            None if aux is None else aux[steps_block].reshape(-1, aux.shape[-1]),  # [rows, C]
         )
 
 
@@ -927,7 +953,8 @@ def feedback_gradients(
 ) -> Tensor:
     """Fixed-feedback gradients of one batch into the parameters' `.grad` (ALGORITHMS.md §5.2).
 
-    (a) no-grad forward storing the states (`states_no_grad`); (c1) head on the stored states
+    (a) no-grad forward storing the states (`feedback_states`: `states_no_grad`, or the
+    model's `feedback_forward` with what its `cell_backward` reuses); (c1) head on the stored states
     as detached leaves, `loss.backward()` → head gradients and the direct gradients `G`;
     (c2) `δ = reverse_scan(G, d)`; (b)+(d) `batched_cell_backward`: the batched cell
     re-evaluation on the detached previous states, back-propagated with `δ`. The head reads the
@@ -966,7 +993,7 @@ def feedback_gradients(
             f"{expected[1]} nor [S, S] = {expected[2]}",
             field="d",
         )
-    states = states_no_grad(model, x, s0)  # [B, T+1, S]
+    states, aux = feedback_states(model, x, s0)  # [B, T+1, S], [T, B, C] or None
     s_leaf = states[:, 1:].detach().requires_grad_(True)  # [B, T, S]
     loss = loss_fn(to_loss_dtype(model.readout(s_leaf)), target, mask)
     loss.backward()
@@ -976,5 +1003,5 @@ def feedback_gradients(
         model, x, states[:, :-1], direct, d, corrections, scan=scan, block_rows=block_rows
     )  # [B, T, S]
     del direct
-    batched_cell_backward(model, x, states[:, :-1], delta, block_rows=block_rows)
+    batched_cell_backward(model, x, states[:, :-1], delta, block_rows=block_rows, aux=aux)
     return loss.detach()

@@ -8,6 +8,8 @@ from torch import Tensor
 from torch_helpers import ScriptedLoop, assert_cell_gradcheck
 
 from forecaster.errors import ModelError
+from forecaster.models import lmn as lmn_module
+from forecaster.models.base import RecurrentForecaster
 from forecaster.models.lmn import (
     LMN,
     LinearAutoencoder,
@@ -111,6 +113,63 @@ def test_batched_recompute_equals_the_loop(cls: type, dtype: torch.dtype, tol: f
         states = model.run_states(x, s0)  # [B, T+1, S]
         recomputed = model.recompute_states(x, states[:, :-1])
     torch.testing.assert_close(recomputed, states[:, 1:], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_folded_loop_equals_the_generic_loop(activation: str, grad: bool) -> None:
+    """O13 for LMN's own `run_states` (the folded sigmoid form: eager under autograd, scripted
+    without): the generic loop of `recur`'s states, and under autograd the same gradients."""
+    model = _lmn(activation=activation)
+    with torch.no_grad():
+        model.memory.bias.normal_()
+    x, s0 = _inputs(), torch.randn(BATCH, 6, dtype=F64)
+    with torch.set_grad_enabled(grad):
+        ours = model.run_states(x, s0)
+        generic = RecurrentForecaster.run_states(model, x, s0)
+    torch.testing.assert_close(ours, generic, atol=1e-12, rtol=0)
+    if grad:
+        grads = [
+            torch.autograd.grad(model.readout(s[:, 1:]).square().sum(), list(model.parameters()))
+            for s in (ours, generic)
+        ]
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_feedback_forward_keeps_the_gates(activation: str) -> None:
+    """`feedback_forward`: the generic loop's states and gates `u` with `h = c·u − (c − 1)`
+    (c = 2 for tanh, 1 for the sigmoid), time-major."""
+    model = _lmn(activation=activation)
+    x, s0 = _inputs(), torch.randn(BATCH, 6, dtype=F64)
+    kept = model.feedback_forward(x, s0)
+    assert kept is not None
+    states, gates = kept
+    with torch.no_grad():
+        torch.testing.assert_close(
+            states, RecurrentForecaster.run_states(model, x, s0), atol=1e-12, rtol=0
+        )
+        h = model.functional_states(x, s0)  # [B, T, h]
+    c = 2.0 if activation == "tanh" else 1.0
+    assert gates.shape == (STEPS, BATCH, HIDDEN)
+    torch.testing.assert_close((c * gates - (c - 1)).transpose(0, 1), h, atol=1e-12, rtol=0)
+
+
+def test_without_the_scripted_loop_the_generic_paths_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the folded loop cannot be scripted, `feedback_forward` declines (the trainer then
+    runs the generic loop) and a no-grad `run_states` runs the folded form eagerly."""
+    monkeypatch.setattr(lmn_module, "_scripted_sigmoid_states", lambda: None)
+    model = _lmn()
+    x, s0 = _inputs(), torch.randn(BATCH, 6, dtype=F64)
+    assert model.feedback_forward(x, s0) is None
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.run_states(x, s0),
+            RecurrentForecaster.run_states(model, x, s0),
+            atol=1e-12,
+            rtol=0,
+        )
 
 
 @pytest.mark.parametrize("cls", [LMN, TeacherRNN])

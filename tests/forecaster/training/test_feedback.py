@@ -20,6 +20,7 @@ from forecaster.training.feedback import (
     batched_cell_backward,
     estimate_feedback,
     feedback_gradients,
+    feedback_states,
     jacobian_diagonal,
     jacobian_mean_matrix,
     jacobian_profile,
@@ -515,6 +516,8 @@ def test_feedback_refuses_a_wrong_d_before_touching_any_gradient() -> None:
         batched_cell_backward(model, x, zeros, zeros, block_rows=0)
     with pytest.raises(ModelError, match=r"delta: shape \(3, 7, 4\) is not \[B, T, S\]"):
         batched_cell_backward(model, x, zeros, zeros[..., :4])
+    with pytest.raises(ModelError, match=r"aux: shape \(3, 7, 5\) is not \[T, B, C\]"):
+        batched_cell_backward(model, x, zeros, zeros, aux=zeros)  # batch-major, not time-major
 
 
 def test_time_varying_exact_diagonal_feedback_equals_bptt_for_the_diagonal_cell() -> None:
@@ -723,3 +726,33 @@ def test_lmn_closed_form_cell_backward_equals_autograd(params: dict[str, object]
     assert frozen.grad is None
     partial = {k: v for k, v in parameter_grads(model).items() if k != name}
     assert max_grad_diff(partial, {k: reference[k] for k in partial}) <= 1e-12
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_lmn_feedback_reuses_the_gates_of_its_forward(
+    activation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LMN's `feedback_forward` keeps its gates `u [T, B, h]` and `cell_backward` reads them:
+    the same gradients as recomputing `h` on the generic path (no `feedback_forward`)."""
+    model = _model("lmn", {"memory_size": 6, "activation": activation})
+    with torch.no_grad():
+        model.memory.bias.normal_()
+    x, y, m = _data()
+    d = estimate_feedback(model, [x], FeedbackConfig()).d
+    states, aux = feedback_states(model, x)
+    assert aux is not None
+    assert aux.shape == (T, B, HID)
+    _, kept = _feedback(model, x, y, m, d)
+    delta = torch.randn(B, T, model.state_size, dtype=F64)
+    grads = []
+    for gates in (aux, aux.mul(0.5)):
+        model.zero_grad(set_to_none=True)
+        batched_cell_backward(model, x, states[:, :-1], delta, aux=gates)
+        grads.append(parameter_grads(model))
+    assert max_grad_diff(*grads) > 1e-3  # the gates are read, not recomputed
+
+    monkeypatch.setattr(type(model), "feedback_forward", lambda self, x, s0: None)
+    assert feedback_states(model, x)[1] is None
+    _, recomputed = _feedback(model, x, y, m, d)
+    assert kept.keys() == recomputed.keys()
+    assert max_grad_diff(kept, recomputed) <= 1e-12
