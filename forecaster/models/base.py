@@ -14,7 +14,9 @@ three callers:
 The carried state is always ONE tensor `s [N, S]` with `S = state_size` (GRU/MI-GRU: `h`;
 LSTM: `[h; c]`; LMN: `m`; SCRN: `[s_ctx; h]`), which keeps the time loop, the ONNX step graph and
 the feedback trainer generic. Everything else (`step`, `run_states`, `forward`, `forecast`,
-`recompute_states`, `cell_backward`) is written once here from those three pieces.
+`recompute_states`, `cell_backward`) is written once here from those three pieces; a model may
+replace `run_states` and `cell_backward` with faster equivalents, and may keep per-step values of
+its forward for its `cell_backward` (`feedback_forward`, LMN).
 
 Export requirements (forecaster/export.py scripts the loop with `torch.jit.script`):
 `project_inputs`, `recur` and `readout` must be TorchScript-compatible (annotated tensor
