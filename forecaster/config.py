@@ -163,6 +163,12 @@ class FeedbackConfig(_Section):
     value: float = Field(0.9, gt=-1, lt=1, description="d for kind 'constant'")
     rho_max: float = Field(0.999, gt=0, lt=1, description="clip of |d_u|")
     refresh_every: int = Field(1, ge=1, description="epochs between estimates of d")
+    refresh_steps: int = Field(
+        1,
+        ge=0,
+        description="steps between re-evaluations of d at the current weights, for models with "
+        "a closed-form mean Jacobian (LMN; others: per-epoch estimate only); 0: never",
+    )
     estimate_batches: int = Field(4, ge=1)
     corrections: int = Field(
         0, ge=0, description="Jacobian correction sweeps of the feedback's backward (0: none)"

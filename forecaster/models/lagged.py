@@ -114,6 +114,25 @@ class LinearLags(RecurrentForecaster):
         diagonal = closed_form(x, cell)
         return torch.cat([diagonal, torch.zeros_like(s_prev[..., self.cell_size :])], dim=-1)
 
+    def jacobian_statistic(self, x: Tensor, s_prev: Tensor) -> Tensor | None:
+        """The cell's statistic for its closed-form mean Jacobian (`mean_jacobian`), or None
+        when the cell has none."""
+        closed_form = getattr(self.inner, "jacobian_statistic", None)
+        if closed_form is None:
+            return None
+        return closed_form(x, s_prev[..., : self.cell_size])  # type: ignore[no-any-return]
+
+    def mean_jacobian(self, statistic: Tensor, matrix: bool) -> Tensor:
+        """The cell's mean Jacobian, zero on the register's rows and columns (as
+        `feedback_units` asks: a shift's diagonal is zero and no parameter sees its `δ`)."""
+        inner = self.inner.mean_jacobian(statistic, matrix)  # type: ignore[operator]
+        width = self.state_size
+        if matrix:
+            out = inner.new_zeros(width, width)
+            out[: self.cell_size, : self.cell_size] = inner
+            return out  # type: ignore[no-any-return]
+        return torch.cat([inner, inner.new_zeros(width - self.cell_size)])
+
     @torch.jit.ignore
     def run_states(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
         """`x [B, T, d] -> [B, T+1, S]`: the wrapped model's own loop (fused kernels kept) for

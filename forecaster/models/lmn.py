@@ -275,6 +275,32 @@ class LMN(RecurrentForecaster):
             w_in, b_in, w_mh, w_hm, w_mm, b_m = self._folded_weights()
             return loop(x, s0, w_in, b_in, w_mh, w_hm, w_mm.contiguous(), b_m, _LOOP_BLOCK)  # type: ignore[no-any-return]
 
+    def jacobian_statistic(self, x: Tensor, s_prev: Tensor) -> Tensor:
+        """The mean activation slope `s̄ = mean_rows σ'(z) [h]` (float64) at rows
+        `x [..., d], s_prev [..., p]`: the one statistic of the visited steps that the mean state
+        Jacobian needs (`mean_jacobian`), which is linear in `σ'`."""
+        with torch.no_grad():
+            h = self.act(self.project_inputs(x) + F.linear(s_prev, self.memory_to_hidden))
+            slope = 1 - h * h if self.config.activation == "tanh" else h * (1 - h)  # [..., h]
+            return slope.reshape(-1, self.hidden_size).to(torch.float64).mean(dim=0)
+
+    def mean_jacobian(self, statistic: Tensor, matrix: bool) -> Tensor:
+        """The mean of `∂m_t/∂m_{t−1} = W^{mm} + W^{hm} diag(σ'_t) W^{mh}` over the steps whose
+        mean slope is `statistic` (`jacobian_statistic`), at the current parameters, float64:
+        `W^{mm} + W^{hm} diag(s̄) W^{mh} [p, p]` (matrix) or its diagonal `[p]`. Exact: the
+        Jacobian is linear in the slopes. Costs one small matmul, so the trainer re-evaluates the
+        feedback at every step (`train.feedback.refresh_steps`) as the weights move.
+        """
+        hidden = self.hidden_size
+        with torch.no_grad():
+            weight = self.memory.weight.to(torch.float64)
+            encoder, mixing = weight[:, :hidden], weight[:, hidden:]  # W^{hm} [p, h], W^{mm}
+            decoder = self.memory_to_hidden.to(torch.float64)  # W^{mh} [h, p]
+            slope = statistic.to(device=weight.device, dtype=torch.float64)
+            if matrix:
+                return mixing + (encoder * slope) @ decoder  # [p, p]
+            return torch.diagonal(mixing) + (encoder * decoder.T) @ slope  # [p]
+
     @torch.jit.ignore
     def cell_backward(
         self, x: Tensor, s_prev: Tensor, delta: Tensor, aux: Tensor | None = None

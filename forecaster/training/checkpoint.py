@@ -103,6 +103,8 @@ class Checkpoint:
             reports and switch epoch) survives a resume.
         best_state: the weights with the best validation loss so far (CPU tensors).
         feedback_d: the fixed feedback in use `[S]`, or None.
+        feedback_statistic: the statistic a closed-form feedback is re-evaluated from at every
+            step (`FeedbackEstimate.statistic`, LMN), or None.
         config_hash: `config_hash(...)` of the run; resuming under another hash is refused.
         finished: the run ended (epochs done or stopped early); resuming returns at once.
     """
@@ -119,6 +121,7 @@ class Checkpoint:
     feedback_d: Tensor | None
     config_hash: str
     finished: bool = False
+    feedback_statistic: Tensor | None = None
 
 
 def checkpoint_path(directory: Path) -> Path:
@@ -188,6 +191,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         history=payload["history"],
         best_state=payload["best_state"],
         feedback_d=payload["feedback_d"],
+        feedback_statistic=payload.get("feedback_statistic"),
         config_hash=str(payload["config_hash"]),
         finished=bool(payload["finished"]),
     )

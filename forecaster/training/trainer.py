@@ -51,7 +51,13 @@ from forecaster.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from forecaster.training.feedback import FeedbackEstimate, LossFn, estimate_feedback
+from forecaster.training.feedback import (
+    FeedbackEstimate,
+    LossFn,
+    estimate_feedback,
+    feedback_at_parameters,
+    spectral_radius,
+)
 from forecaster.training.gate import ModelGateReport, gate_batches, run_model_gate
 from forecaster.training.gradients import compute_gradients
 from forecaster.training.windows import ForkingWindows, WindowBatch
@@ -565,6 +571,7 @@ class _Run:
         return stopped
 
     def _step(self, x: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        self._follow_weights()
         self.optimizer.zero_grad(set_to_none=True)
         with _autocast(self.use_amp, self.device):
             loss = compute_gradients(
@@ -584,6 +591,23 @@ class _Run:
         for callback in self.step_callbacks:
             callback(self.step + 1, self.model)
         return loss.detach()
+
+    def _follow_weights(self) -> None:
+        """Every `refresh_steps` steps, re-evaluate a closed-form feedback (LMN) at the current
+        weights from the epoch estimate's statistic (`feedback_at_parameters`)."""
+        every = self.config.feedback.refresh_steps
+        estimate = self.estimate
+        if (
+            self.method != "feedback"
+            or every == 0
+            or estimate is None
+            or estimate.statistic is None
+            or self.step % every != 0
+        ):
+            return
+        dtype = next(self.model.parameters()).dtype
+        self.estimate = feedback_at_parameters(self.model, estimate, self.config.feedback.rho_max)
+        self.d = self.estimate.d.to(device=self.device, dtype=dtype).contiguous()
 
     def _refresh_feedback(self, order: npt.NDArray[np.int64]) -> float | None:
         """Estimate `d` before the first epoch and every `refresh_every` epochs after it."""
@@ -713,6 +737,11 @@ class _Run:
                 history=self.history.to_dict(),
                 best_state=self.best_state,
                 feedback_d=None if self.d is None else self.d.detach().cpu(),
+                feedback_statistic=(
+                    None
+                    if self.estimate is None or self.estimate.statistic is None
+                    else self.estimate.statistic.detach().cpu()
+                ),
                 config_hash=self.run_hash,
                 finished=finished,
             ),
@@ -755,6 +784,17 @@ class _Run:
             if checkpoint.feedback_d is None
             else checkpoint.feedback_d.to(device=self.device, dtype=dtype)
         )
+        if self.d is not None and checkpoint.feedback_statistic is not None:
+            # The statistic a closed-form feedback follows the weights from (`_follow_weights`).
+            radius = spectral_radius(self.d) if self.d.dim() == 2 else float(self.d.abs().max())
+            self.estimate = FeedbackEstimate(
+                d=self.d,
+                spectral_radius=radius,
+                unclipped_spectral_radius=radius,
+                kind=self.config.feedback.kind,
+                seconds=0.0,
+                statistic=checkpoint.feedback_statistic.to(self.device),
+            )
         self.epoch = checkpoint.epoch
         self.step = checkpoint.step
         finished = saved.stopped_early or checkpoint.epoch >= self.config.epochs

@@ -17,8 +17,10 @@ from forecaster.losses import ForecastLoss
 from forecaster.models.base import RecurrentForecaster
 from forecaster.models.registry import build
 from forecaster.training.feedback import (
+    _radius_bound,
     batched_cell_backward,
     estimate_feedback,
+    feedback_at_parameters,
     feedback_gradients,
     feedback_states,
     jacobian_diagonal,
@@ -756,3 +758,67 @@ def test_lmn_feedback_reuses_the_gates_of_its_forward(
     _, recomputed = _feedback(model, x, y, m, d)
     assert kept.keys() == recomputed.keys()
     assert max_grad_diff(kept, recomputed) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"memory_size": 6},
+        {"memory_size": 6, "activation": "sigmoid"},
+        {"memory_size": 6, "linear_lags": 3},
+    ],
+    ids=["tanh", "sigmoid", "lagged"],
+)
+def test_lmn_closed_form_mean_jacobian_equals_autograd(params: dict[str, object]) -> None:
+    """LMN's `mean_jacobian` from the mean slope equals the autograd mean Jacobian over the same
+    steps (matrix and diagonal), and `estimate_feedback` uses it and keeps the statistic."""
+    model = _model("lmn", params)
+    with torch.no_grad():
+        model.memory.bias.normal_() if hasattr(
+            model, "memory"
+        ) else model.inner.memory.bias.normal_()
+    x, _, _ = _data()
+    statistic = model.jacobian_statistic(x, states_no_grad(model, x)[:, :-1])
+    matrix = jacobian_mean_matrix(model, [x], max_rows=B * T)
+    torch.testing.assert_close(model.mean_jacobian(statistic, True), matrix, atol=1e-12, rtol=0)
+    diagonal = jacobian_profile(model, [x]).mean(dim=0)
+    torch.testing.assert_close(model.mean_jacobian(statistic, False), diagonal, atol=1e-12, rtol=0)
+    for kind in ("jacobian_mean", "jacobian_matrix"):
+        estimate = estimate_feedback(model, [x], FeedbackConfig(kind=kind))
+        assert estimate.statistic is not None
+        torch.testing.assert_close(estimate.statistic, statistic, atol=0, rtol=0)
+
+
+def test_feedback_at_parameters_follows_the_weights() -> None:
+    """Re-evaluated at moved weights: the closed form there from the same statistic, clipped as
+    the estimate was; a model without the closed form is refused."""
+    model = _model("lmn", {"memory_size": 6})
+    x, _, _ = _data()
+    estimate = estimate_feedback(model, [x], FeedbackConfig(kind="jacobian_matrix"))
+    with torch.no_grad():
+        model.memory.weight.mul_(3.0)  # expanding memory: the re-evaluation must scale it
+    moved = feedback_at_parameters(model, estimate, 0.9)
+    raw = model.mean_jacobian(estimate.statistic, True)
+    assert spectral_radius(raw) > 0.9
+    torch.testing.assert_close(moved.d, raw * (0.9 / spectral_radius(raw)), atol=1e-12, rtol=0)
+    assert moved.spectral_radius == pytest.approx(0.9)
+    assert spectral_radius(moved.d) == pytest.approx(0.9)
+    assert moved.statistic is estimate.statistic
+
+    gru = _model("mi_gru", {})
+    plain = estimate_feedback(gru, [x], FeedbackConfig())
+    assert plain.statistic is None
+    with pytest.raises(ModelError, match="no closed-form mean Jacobian"):
+        feedback_at_parameters(gru, plain, 0.9)
+
+
+@pytest.mark.parametrize("n", [2, 8, 64, 256])
+def test_radius_bound_is_a_close_upper_bound(n: int) -> None:
+    """`‖M^128‖_F^{1/128}`: at least the spectral radius and within a few % of it (the excess
+    is the 128th root of √n times the eigenvectors' conditioning)."""
+    gen = torch.Generator().manual_seed(n)
+    for scale in (0.3, 1.0, 4.0):
+        matrix = torch.randn(n, n, generator=gen, dtype=F64) * scale / math.sqrt(n)
+        exact, bound = spectral_radius(matrix), _radius_bound(matrix)
+        assert exact * (1 - 1e-9) <= bound <= exact * 1.05
+    assert _radius_bound(torch.zeros(3, 3, dtype=F64)) == 0.0

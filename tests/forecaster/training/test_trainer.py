@@ -252,6 +252,38 @@ def test_matrix_feedback_with_corrections_trains_and_resumes_to_the_same_weights
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
+def test_closed_form_feedback_follows_the_weights_every_step_and_resumes(tmp_path: Path) -> None:
+    """LMN's feedback is re-evaluated at the current weights every `refresh_steps` steps from
+    the epoch estimate's statistic: other weights than with `refresh_steps: 0`; no effect on a
+    model without the closed form (MI-GRU); a run resumed between two epoch estimates (the
+    statistic comes back from the checkpoint) ends where an uninterrupted one does."""
+    train_w, val_w = _windows()
+    feedback = FeedbackConfig(kind="jacobian_matrix", refresh_every=2, estimate_batches=1)
+    config = _config(method="feedback", epochs=3, max_windows=64, lr=2e-2, feedback=feedback)
+    frozen = config.model_copy(
+        update={"feedback": feedback.model_copy(update={"refresh_steps": 0})}
+    )
+
+    def final(name: str, settings: TrainConfig) -> dict[str, Tensor]:
+        result = train(_model(name), train_w, val_w, settings, seed=1)
+        assert result.history.method == "feedback"
+        return result.model.state_dict()
+
+    following, fixed = final("lmn", config), final("lmn", frozen)
+    assert any(not torch.equal(following[k], fixed[k]) for k in following)
+    gru_following, gru_fixed = final("mi_gru", config), final("mi_gru", frozen)
+    assert all(torch.equal(gru_following[k], gru_fixed[k]) for k in gru_following)
+
+    first = _model("lmn")
+    one_epoch = config.model_copy(update={"epochs": 1})
+    train(first, train_w, val_w, one_epoch, seed=1, checkpoint_dir=tmp_path)
+    resumed = train(first, train_w, val_w, config, seed=1, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.feedback is not None
+    assert resumed.feedback.statistic is not None
+    for key, value in following.items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
 def test_model_without_feedback_support_trains_with_bptt_and_says_why(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
