@@ -15,6 +15,10 @@ Two extensions of ours, both exact in a limit and tested there:
 - correction sweeps (`corrected_deltas`): batched vector–Jacobian products on the stored
   states, parallel in time, each making one more step of every path exact; `T − 1` sweeps are
   BPTT.
+Where the mean Jacobian has a closed form in the weights and a statistic of the visited steps
+(LMN: the mean activation slope), the estimate keeps that statistic and `feedback_at_parameters`
+re-evaluates `d` at the current weights, which the trainer does every step: "fixed" then means
+fixed over the time steps of a window, as §5.2 needs, not over the steps of an epoch.
 Pinned by oracles O9 (T = 1 equals BPTT), O10 (exact when the cell's Jacobian is the fixed
 diagonal), O11 (`d = 0` equals fully truncated BPTT), O12 (the scans agree), O13 (the fast
 forward and the blocked re-evaluation match the model) and O14 (gradient quality). Gradients
