@@ -690,7 +690,8 @@ def test_matrix_feedback_follows_bptt_better_than_the_diagonal_on_an_lmn() -> No
     assert cosines["jacobian_matrix"] >= 0.9, cosines
 
 
-@pytest.mark.parametrize(
+# LMN with either activation, and wrapped with a linear readout of its inputs.
+LMN_VARIANTS = pytest.mark.parametrize(
     "params",
     [
         {"memory_size": 6},
@@ -699,6 +700,9 @@ def test_matrix_feedback_follows_bptt_better_than_the_diagonal_on_an_lmn() -> No
     ],
     ids=["tanh", "sigmoid", "lagged"],
 )
+
+
+@LMN_VARIANTS
 def test_lmn_closed_form_cell_backward_equals_autograd(params: dict[str, object]) -> None:
     """LMN's hand-written `cell_backward` gives the gradients of the autograd default, adds to
     gradients already there, and falls back to autograd when a parameter is frozen."""
@@ -760,23 +764,14 @@ def test_lmn_feedback_reuses_the_gates_of_its_forward(
     assert max_grad_diff(kept, recomputed) <= 1e-12
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        {"memory_size": 6},
-        {"memory_size": 6, "activation": "sigmoid"},
-        {"memory_size": 6, "linear_lags": 3},
-    ],
-    ids=["tanh", "sigmoid", "lagged"],
-)
+@LMN_VARIANTS
 def test_lmn_closed_form_mean_jacobian_equals_autograd(params: dict[str, object]) -> None:
     """LMN's `mean_jacobian` from the mean slope equals the autograd mean Jacobian over the same
     steps (matrix and diagonal), and `estimate_feedback` uses it and keeps the statistic."""
     model = _model("lmn", params)
+    lmn = getattr(model, "inner", model)  # the LMN itself when wrapped by LinearLags
     with torch.no_grad():
-        model.memory.bias.normal_() if hasattr(
-            model, "memory"
-        ) else model.inner.memory.bias.normal_()
+        lmn.memory.bias.normal_()
     x, _, _ = _data()
     statistic = model.jacobian_statistic(x, states_no_grad(model, x)[:, :-1])
     matrix = jacobian_mean_matrix(model, [x], max_rows=B * T)
