@@ -198,14 +198,19 @@ class LMN(RecurrentForecaster):
         h = self.act(a_t + F.linear(s_prev, self.memory_to_hidden))  # [N, h]
         return self.memory(torch.cat([h, s_prev], dim=-1))  # [N, p] = W^{hm} h + W^{mm} m + b_m
 
+    def _functional(self, x: Tensor, s_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """`h = σ(W^{xh} x + b_h + W^{mh} m)` and its slope `σ'`: `[..., d], [..., p] -> [..., h]`
+        twice."""
+        h = self.act(self.project_inputs(x) + F.linear(s_prev, self.memory_to_hidden))
+        return h, (1 - h * h if self.config.activation == "tanh" else h * (1 - h))
+
     def state_jacobian_diagonal(self, x: Tensor, s_prev: Tensor) -> Tensor:
         """Closed-form diagonal of `∂m_t/∂m_{t−1}` (ALGORITHMS.md §3.1, §5.3).
 
         `W^{mm}[i,i] + Σ_k W^{hm}[i,k] σ'_k W^{mh}[k,i]`: `[..., d], [..., p] -> [..., p]`.
         """
         hidden = self.hidden_size
-        h = self.act(self.project_inputs(x) + F.linear(s_prev, self.memory_to_hidden))  # [..., h]
-        slope = 1 - h * h if self.config.activation == "tanh" else h * (1 - h)  # [..., h]
+        slope = self._functional(x, s_prev)[1]  # [..., h]
         encoder = self.memory.weight[:, :hidden]  # [p, h] = W^{hm}
         coupling = encoder.T * self.memory_to_hidden  # [h, p]: W^{hm}[i,k] W^{mh}[k,i]
         return torch.diagonal(self.memory.weight[:, hidden:]) + slope @ coupling  # [..., p]
@@ -280,8 +285,7 @@ class LMN(RecurrentForecaster):
         `x [..., d], s_prev [..., p]`: the one statistic of the visited steps that the mean state
         Jacobian needs (`mean_jacobian`), which is linear in `σ'`."""
         with torch.no_grad():
-            h = self.act(self.project_inputs(x) + F.linear(s_prev, self.memory_to_hidden))
-            slope = 1 - h * h if self.config.activation == "tanh" else h * (1 - h)  # [..., h]
+            slope = self._functional(x, s_prev)[1]  # [..., h]
             return slope.reshape(-1, self.hidden_size).to(torch.float64).mean(dim=0)
 
     def mean_jacobian(self, statistic: Tensor, matrix: bool) -> Tensor:
@@ -326,9 +330,7 @@ class LMN(RecurrentForecaster):
             delta = delta.to(s_prev.dtype)
             delta_sum = delta.sum(0)  # [p] = db_m
             if aux is None:
-                z = torch.addmm(self.input_proj(x), s_prev, self.memory_to_hidden.t())  # [R, h]
-                h = self.act(z)
-                slope = 1 - h * h if self.config.activation == "tanh" else h * (1 - h)  # σ'
+                h, slope = self._functional(x, s_prev)  # [R, h] each
                 grad_encoder = delta.t() @ h  # [p, h]
                 dz = (delta @ encoder).mul_(slope)  # [R, h]
             else:
@@ -347,8 +349,7 @@ class LMN(RecurrentForecaster):
 
     def functional_states(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
         """The functional component's outputs `h_t` of every step: `x [B, T, d] -> [B, T, h]`."""
-        m = self.run_states(x, s0)  # [B, T+1, p]
-        return self.act(self.project_inputs(x) + F.linear(m[:, :-1], self.memory_to_hidden))
+        return self._functional(x, self.run_states(x, s0)[:, :-1])[0]
 
 
 class TeacherRNN(RecurrentForecaster):
