@@ -5,7 +5,8 @@ Question (issue 3): how many hourly series per second does the per-series front 
 what peak memory, and what does it cost next to a loop that calls statsmodels directly with the
 same settings (linear trend by least squares, the same STL options, `adfuller(regression="ct",
 autolag="AIC")`, `kpss("c")`, `kpss("ct")`)? Targets: >= 30 series/s per core, <= 1.1x the
-direct loop. Both sides run with single-threaded BLAS in every worker, on the same series.
+direct loop; validating the whole 2M-row frame within 4 s. Both sides run with single-threaded
+BLAS in every worker, on the same series.
 
 Writes benchmarks/results/preprocess.json and .md. Run: python benchmarks/preprocess.py
 """
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 from forecaster.config import PreprocessConfig, StationarityConfig  # noqa: E402
-from forecaster.data import generate_plant  # noqa: E402
+from forecaster.data import generate_plant, validate  # noqa: E402
 from forecaster.transform import transform  # noqa: E402
 from pipelines.preprocess import (  # noqa: E402
     STL_INNER_ITER,
@@ -97,6 +98,12 @@ def _peak_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
+def _timed(fn: Any, *args: Any) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--series", type=int, default=1000)
@@ -135,6 +142,10 @@ def main() -> None:
         )
         print(rows[-1])
 
+    # Validation of the whole long-format frame (the first step of every job): best of 3.
+    validate_s = min(_timed(validate, plant.frame) for _ in range(3))
+    print(f"validate: {len(plant.frame)} rows in {validate_s:.3f} s")
+
     verdicts: dict[str, int] = {}
     for item in series:
         verdict = ours(item)
@@ -151,9 +162,12 @@ def main() -> None:
         "baseline_rss_mb": round(base_mb, 1),
         "runs": rows,
         "verdicts": verdicts,
+        "validate_rows": len(plant.frame),
+        "validate_s": round(validate_s, 3),
         "targets": {
             "series_per_s_per_core >= 30": per_core >= 30,
             "ratio_to_direct <= 1.1": worst_ratio <= 1.1,
+            "validate_s <= 4": validate_s <= 4.0,
         },
     }
     table = [
@@ -178,6 +192,10 @@ def main() -> None:
         f"Targets: >= 30 series/s per core: {'met' if per_core >= 30 else 'missed'} "
         f"({per_core}); <= 1.1x direct: {'met' if worst_ratio <= 1.1 else 'missed'} "
         f"({worst_ratio}x). Verdicts: {verdicts}.",
+        "",
+        f"Validation of the whole frame ({len(plant.frame):,} rows, `forecaster.data.validate`, "
+        f"best of 3): {validate_s:.3f} s (budget 4 s: "
+        f"{'met' if validate_s <= 4.0 else 'missed'}).",
     ]
     write_results("preprocess", payload, "\n".join(table))
 

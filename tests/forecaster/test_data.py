@@ -6,7 +6,6 @@ when it is missing. Row numbers in messages are 0-based data rows, header exclud
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -523,7 +522,8 @@ def test_tz_aware_timestamps_keep_their_zone_across_dst() -> None:
     np.testing.assert_allclose(result.frame[TARGET_COL], np.arange(12.0))
 
 
-def test_validation_of_a_thousand_series_is_fast() -> None:
+def test_validation_of_a_thousand_series() -> None:
+    """2M rows in one frame (its speed is measured by benchmarks/preprocess.py, not here)."""
     n_series, length = 1000, 2000
     ds = pd.date_range("2024-01-01", periods=length, freq="h")
     rng = np.random.default_rng(0)
@@ -535,11 +535,8 @@ def test_validation_of_a_thousand_series_is_fast() -> None:
             TARGET_COL: rng.normal(size=n_series * length),
         }
     )
-    started = time.perf_counter()
     result = validate(frame)
-    elapsed = time.perf_counter() - started
     assert result.n_series == n_series
-    assert elapsed < 4.0, f"validate took {elapsed:.2f} s for 2M rows"
 
 
 @settings(max_examples=25, deadline=None)
