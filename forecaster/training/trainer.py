@@ -625,9 +625,13 @@ class _Run:
         start = time.perf_counter()
         # Every rank estimates from the same (global) batches; rank 0's d is used by all, so
         # nondeterministic kernels cannot give the ranks different backward systems.
-        self.estimate = estimate_feedback(self.model, batches, feedback)
+        estimate = estimate_feedback(self.model, batches, feedback)
+        if estimate.statistic is not None:  # the ranks follow the weights from one statistic
+            statistic = estimate.statistic.to(self.device).contiguous()
+            estimate = replace(estimate, statistic=ddp.broadcast_tensor(statistic, self.group))
+        self.estimate = estimate
         self.d = ddp.broadcast_tensor(
-            self.estimate.d.to(device=self.device, dtype=dtype).contiguous(), self.group
+            estimate.d.to(device=self.device, dtype=dtype).contiguous(), self.group
         )
         logger.debug(
             "feedback %s: spectral radius %.4f (unclipped %.4f)",

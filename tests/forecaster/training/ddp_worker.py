@@ -1,7 +1,8 @@
 """One rank of a data-parallel training run, for test_distributed.py.
 
-Run as `torchrun --nproc-per-node N ddp_worker.py OUT METHOD EPOCHS [--resume]` (or with plain
-`python` for the single-process reference): trains a small MI-GRU on fixed synthetic windows with
+Run as `torchrun --nproc-per-node N ddp_worker.py OUT METHOD[:MODEL] EPOCHS [--resume]` (or with
+plain `python` for the single-process reference): trains a small MI-GRU (or MODEL, e.g. `lmn`,
+whose feedback follows the weights every step) on fixed synthetic windows with
 the trainer's own process-group handling and writes, from rank 0, the step-1 gradients, the final
 weights and the history to OUT; each rank checkpoints into OUT/ckpt_rank<r> (only rank 0 may).
 """
@@ -54,7 +55,8 @@ def main(out: Path, method: str, epochs: int, resume: bool) -> None:
     group = distributed.init_from_env("cpu")
     try:
         torch.manual_seed(100 + group.rank)  # different initial weights: rank 0's must win
-        model = build("mi_gru", input_size=1, hidden_size=8, horizon=HORIZON)
+        method, _, name = method.partition(":")
+        model = build(name or "mi_gru", input_size=1, hidden_size=8, horizon=HORIZON)
         config = TrainConfig(
             method=method,
             epochs=epochs,
