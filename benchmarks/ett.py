@@ -199,27 +199,36 @@ def model_label(label: str) -> str:
     )
 
 
+# Method-label suffixes -> train.feedback.kind (the plain `feedback` is `jacobian_mean`).
+FEEDBACK_VARIANTS = {"-matrix": "jacobian_matrix", "-step": "per_step_diag"}
+
+
 def split_method(label: str) -> tuple[str, dict[str, Any]]:
     """A `--methods` label -> (train.method, train.feedback overrides).
 
     `feedback-matrix+c2` -> (`feedback`, {kind: jacobian_matrix, corrections: 2}): the
-    non-diagonal mean-Jacobian feedback with 2 Jacobian correction sweeps.
+    non-diagonal mean-Jacobian feedback with 2 Jacobian correction sweeps; `feedback-step`: the
+    per-step diagonal ablation (kind `per_step_diag`).
     """
     if not label.startswith("feedback"):
         return label, {}
     rest = label.removeprefix("feedback")
     feedback: dict[str, Any] = {}
-    if rest.startswith("-matrix"):
-        feedback["kind"] = "jacobian_matrix"
-        rest = rest.removeprefix("-matrix")
+    for variant, kind in FEEDBACK_VARIANTS.items():
+        if rest.startswith(variant):
+            feedback["kind"] = kind
+            rest = rest.removeprefix(variant)
+            break
     if rest.startswith("+c"):
         feedback["corrections"] = int(rest.removeprefix("+c"))
     return "feedback", feedback
 
 
 def method_label(label: str) -> str:
-    """argparse type of `--methods`: `bptt`, or `feedback[-matrix][+cK]` (K ≥ 1)."""
-    rest = label.removeprefix("feedback").removeprefix("-matrix")
+    """argparse type of `--methods`: `bptt`, or `feedback[-matrix|-step][+cK]` (K ≥ 1)."""
+    rest = label.removeprefix("feedback")
+    variant = next((v for v in FEEDBACK_VARIANTS if rest.startswith(v)), "")
+    rest = rest.removeprefix(variant)
     suffix = rest.removeprefix("+c")
     if label == "bptt" or (
         label.startswith("feedback")
@@ -227,7 +236,7 @@ def method_label(label: str) -> str:
     ):
         return label
     raise argparse.ArgumentTypeError(
-        f"{label!r} is not 'bptt' or 'feedback[-matrix][+cK]' (K a positive integer)"
+        f"{label!r} is not 'bptt' or 'feedback[-matrix|-step][+cK]' (K a positive integer)"
     )
 
 
@@ -478,8 +487,9 @@ def main() -> None:
         nargs="+",
         default=["feedback", "bptt"],
         type=method_label,
-        help="bptt, or feedback[-matrix][+cK]: the diagonal (or -matrix: mean-Jacobian matrix) "
-        "fixed feedback, with K Jacobian correction sweeps",
+        help="bptt, or feedback[-matrix|-step][+cK]: the diagonal (or -matrix: mean-Jacobian "
+        "matrix) fixed feedback, or -step: the per-step diagonal ablation; with K Jacobian "
+        "correction sweeps",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)

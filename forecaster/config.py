@@ -159,7 +159,11 @@ class FeedbackConfig(_Section):
     model-side checks of its assumption (§5.5 checks 2-4)."""
 
     # jacobian_matrix: the whole mean Jacobian as a non-diagonal fixed feedback M [S, S].
-    kind: Literal["jacobian_mean", "constant", "ssm_grid", "jacobian_matrix"] = "jacobian_mean"
+    # per_step_diag: the exact diagonal of every visited step (§5.3 option 4, an ablation: not
+    # a fixed feedback); the mean diagonal is still estimated for the gate and the history.
+    kind: Literal["jacobian_mean", "constant", "ssm_grid", "jacobian_matrix", "per_step_diag"] = (
+        "jacobian_mean"
+    )
     value: float = Field(0.9, gt=-1, lt=1, description="d for kind 'constant'")
     rho_max: float = Field(0.999, gt=0, lt=1, description="clip of |d_u|")
     refresh_every: int = Field(1, ge=1, description="epochs between estimates of d")

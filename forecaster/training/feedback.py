@@ -15,6 +15,9 @@ Two extensions of ours, both exact in a limit and tested there:
 - correction sweeps (`corrected_deltas`): batched vector–Jacobian products on the stored
   states, parallel in time, each making one more step of every path exact; `T − 1` sweeps are
   BPTT.
+And the ablation §5.3 lists as option 4, `per_step_diag` (`PerStepDiagonal`): the exact Jacobian
+diagonal of every visited step in the scan instead of its mean — not a fixed feedback, so it
+measures what the stationarity assumption costs, with the diagonal structure kept.
 Where the mean Jacobian has a closed form in the weights and a statistic of the visited steps
 (LMN: the mean activation slope), the estimate keeps that statistic and `feedback_at_parameters`
 re-evaluates `d` at the current weights, which the trainer does every step: "fixed" then means
@@ -49,7 +52,9 @@ __all__ = [
     "ChunkLocal",
     "FeedbackEstimate",
     "JacobianMethod",
+    "Feedback",
     "LossFn",
+    "PerStepDiagonal",
     "ScanMethod",
     "batched_cell_backward",
     "corrected_deltas",
@@ -60,6 +65,7 @@ __all__ = [
     "jacobian_diagonal",
     "jacobian_mean_matrix",
     "jacobian_profile",
+    "per_step_feedback",
     "reverse_scan",
     "reverse_scan_matrix",
     "spectral_radius",
@@ -75,6 +81,27 @@ JacobianMethod = Literal["auto", "closed_form", "exact", "hutchinson"]
 LossFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (pred, target, mask) -> scalar
 
 SCAN_METHODS: tuple[str, ...] = ("loop", "chunked", "associative", "fft")
+
+
+@dataclass(frozen=True)
+class PerStepDiagonal:
+    """The time-varying diagonal feedback of ALGORITHMS.md §5.3 option 4 (`per_step_diag`).
+
+    Not the paper's fixed feedback but an ablation of it: every batch, the scan uses the exact
+    Jacobian diagonal of each visited step, `d_t = clip(diag ∂s_{t+1}/∂s_t, ±rho_max)`
+    (`per_step_feedback`), computed after the no-grad forward. Exact where the cell's Jacobian
+    is diagonal; what it gains over `jacobian_mean` is what the stationarity assumption costs.
+    """
+
+    rho_max: float = 0.999
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.rho_max < 1.0:
+            raise ModelError(f"rho_max: {self.rho_max!r} is not in (0, 1)", field="rho_max")
+
+
+# The feedback of a gradient call: a fixed `d` ([S], [B, T, S] or [S, S]) or the per-step rule.
+Feedback = Tensor | PerStepDiagonal
 # Above this state width the exact Jacobian (S vector-Jacobian products per row) costs more than
 # it is worth; Hutchinson probes take over (ALGORITHMS.md §5.3).
 EXACT_JACOBIAN_MAX_STATE = 256
@@ -433,6 +460,26 @@ def jacobian_diagonal(
     )
 
 
+def per_step_feedback(
+    model: RecurrentForecaster, x: Tensor, s_prev: Tensor, rho_max: float
+) -> Tensor:
+    """The time-varying feedback of `PerStepDiagonal` for one batch: `d [B, T, S]`.
+
+    `d[:, t] = clip(diag ∂s_{t+1}/∂s_t, ±rho_max)` at the visited states (the layout
+    `reverse_scan` reads: `d[:, t]` multiplies `δ_{t+1}`); `d[:, T−1]` is unused and 0.
+
+    Args:
+        model: the forecaster.
+        x: inputs `[B, T, d]`.
+        s_prev: the state before each step `[B, T, S]`.
+        rho_max: the clip, in (0, 1).
+    """
+    diagonal = jacobian_diagonal(model, x, s_prev)  # [B, T, S]: diag ∂s_t/∂s_{t−1}
+    d = torch.zeros_like(diagonal)
+    d[:, :-1] = diagonal[:, 1:].clamp(-rho_max, rho_max)
+    return d
+
+
 def jacobian_profile(
     model: RecurrentForecaster,
     batches: Iterable[Tensor | Sequence[Tensor]],
@@ -554,7 +601,7 @@ class FeedbackEstimate:
             is stable).
         unclipped_spectral_radius: the same before the clip (> 1: expanding dynamics, BPTT
             gradients would explode too).
-        kind: `constant`, `ssm_grid`, `jacobian_mean` or `jacobian_matrix`.
+        kind: `constant`, `ssm_grid`, `jacobian_mean`, `jacobian_matrix` or `per_step_diag`.
         seconds: wall time of the estimate.
         statistic: for a model with a closed-form mean Jacobian (`mean_jacobian`, LMN), the
             statistic of the visited steps it was computed from, so that `feedback_at_parameters`
@@ -591,6 +638,8 @@ def estimate_feedback(
       visited on the first `config.estimate_batches` batches (`jacobian_diagonal`, method auto).
     - `jacobian_matrix`: the whole mean Jacobian `M [S, S]` on the same steps
       (`jacobian_mean_matrix`): a non-diagonal fixed feedback, `δ_t = g_t + Mᵀ δ_{t+1}` (§5.2).
+    - `per_step_diag`: the `jacobian_mean` estimate, which reports the radius and feeds the
+      gate; the gradients use `PerStepDiagonal` instead (`Trainer`).
 
     Then `d` is clipped to `[−rho_max, rho_max]` (M is scaled to spectral radius `rho_max`).
 
@@ -1040,7 +1089,7 @@ def feedback_gradients(
     target: Tensor,
     mask: Tensor | None,
     loss_fn: LossFn,
-    d: Tensor,
+    d: Feedback,
     *,
     s0: Tensor | None = None,
     scan: ScanMethod = "chunked",
@@ -1065,7 +1114,8 @@ def feedback_gradients(
         mask: validity `[B, T, H]` or None.
         loss_fn: `(pred, target, mask) -> scalar`, e.g. `ForecastLoss` (float32 at least).
         d: the fixed feedback `[S]` (or time-varying `[B, T, S]`, see `reverse_scan`; or a
-            non-diagonal `M [S, S]`, see `reverse_scan_matrix`).
+            non-diagonal `M [S, S]`, see `reverse_scan_matrix`), or `PerStepDiagonal`: the
+            exact diagonal of every visited step (`per_step_feedback`, after the forward).
         s0: initial state `[B, S]` (zeros when None); no gradient flows into it.
         scan: the `reverse_scan` method.
         block_rows: rows per block of the batched re-evaluation (see `batched_cell_backward`).
@@ -1083,13 +1133,19 @@ def feedback_gradients(
     _check_corrections(corrections)
     width = model.state_size
     expected = (width,), (x.shape[0], x.shape[1], width), (width, width)
-    if d.shape not in expected:  # refuse before any gradient is accumulated
+    if not isinstance(d, Tensor | PerStepDiagonal):
+        raise ModelError(
+            f"d: {type(d).__name__} is neither a tensor nor a PerStepDiagonal", field="d"
+        )
+    if isinstance(d, Tensor) and d.shape not in expected:  # refuse before any gradient
         raise ModelError(
             f"d: shape {tuple(d.shape)} is neither [S] = {expected[0]}, [B, T, S] = "
             f"{expected[1]} nor [S, S] = {expected[2]}",
             field="d",
         )
     states, aux = feedback_states(model, x, s0)  # [B, T+1, S], [T, B, C] or None
+    if isinstance(d, PerStepDiagonal):
+        d = per_step_feedback(model, x, states[:, :-1], d.rho_max)  # [B, T, S]
     s_leaf = states[:, 1:].detach().requires_grad_(True)  # [B, T, S]
     loss = loss_fn(to_loss_dtype(model.readout(s_leaf)), target, mask)
     loss.backward()

@@ -37,6 +37,7 @@ from forecaster.config import FeedbackConfig
 from forecaster.errors import ModelError
 from forecaster.models.base import RecurrentForecaster
 from forecaster.training.feedback import (
+    Feedback,
     LossFn,
     jacobian_mean_matrix,
     jacobian_profile,
@@ -154,7 +155,7 @@ def _gradient(
     method: Literal["feedback", "bptt"],
     batch: tuple[Tensor, Tensor, Tensor],
     loss_fn: LossFn,
-    d: Tensor | None,
+    d: Feedback | None,
     corrections: int = 0,
 ) -> Tensor:
     """The recurrent parameters' gradient of the loss on `batch`, flattened to float64 `[P]`."""
@@ -185,7 +186,7 @@ def run_model_gate(
     batches: Sequence[WindowBatch],
     loss_fn: LossFn,
     config: FeedbackConfig,
-    d: Tensor,
+    d: Feedback,
     *,
     stage: GateStage = "init",
     epoch: int = 0,
@@ -201,7 +202,7 @@ def run_model_gate(
         batches: validation batches (`gate_batches`).
         loss_fn: the training loss.
         config: `train.feedback` (the thresholds).
-        d: the fixed feedback in use `[S]` (check 4).
+        d: the feedback in use (`[S]`, `[S, S]` or `PerStepDiagonal`; check 4).
         stage: `init` or `recheck` (recorded).
         epoch: epochs completed (recorded).
         checks: which of `stability`, `jacobian`, `gradient` decide `passed`.

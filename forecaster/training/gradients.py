@@ -24,6 +24,7 @@ from forecaster.errors import ModelError
 from forecaster.losses import to_loss_dtype
 from forecaster.models.base import RecurrentForecaster
 from forecaster.training.feedback import (
+    Feedback,
     LossFn,
     ScanMethod,
     feedback_gradients,
@@ -119,7 +120,7 @@ def compute_gradients(
     mask: Tensor | None,
     loss_fn: LossFn,
     *,
-    d: Tensor | None = None,
+    d: Feedback | None = None,
     truncation: int = 32,
     s0: Tensor | None = None,
     scan: ScanMethod = "chunked",
@@ -133,7 +134,8 @@ def compute_gradients(
         x: inputs `[B, T, d]`; target, mask: `[B, T, H]` (mask may be None).
         loss_fn: `(pred, target, mask) -> scalar`, e.g. `ForecastLoss` (computed in float32 at
             least under AMP).
-        d: the fixed feedback `[S]` for `feedback` (e.g. `estimate_feedback(...).d`).
+        d: the feedback for `feedback`: a fixed `d` (e.g. `estimate_feedback(...).d`) or
+            `PerStepDiagonal` (see `feedback_gradients`).
         truncation: segment length for `tbptt`.
         s0: initial state `[B, S]` (zeros when None).
         scan: reverse-scan method for `feedback`.

@@ -52,8 +52,10 @@ from forecaster.training.checkpoint import (
     save_checkpoint,
 )
 from forecaster.training.feedback import (
+    Feedback,
     FeedbackEstimate,
     LossFn,
+    PerStepDiagonal,
     estimate_feedback,
     feedback_at_parameters,
     spectral_radius,
@@ -581,7 +583,7 @@ class _Run:
                 target,
                 mask,
                 self.loss_fn,
-                d=self.d,
+                d=self._feedback(),
                 truncation=self.config.truncation,
                 corrections=self.config.feedback.corrections,
             )
@@ -592,6 +594,14 @@ class _Run:
             callback(self.step + 1, self.model)
         return loss.detach()
 
+    def _feedback(self) -> Feedback | None:
+        """What the gradients use: the fixed `d`, or with `kind: per_step_diag` the per-step
+        diagonal rule (`d` then holds the mean estimate, for the history and checkpoints)."""
+        feedback = self.config.feedback
+        if self.d is not None and feedback.kind == "per_step_diag":
+            return PerStepDiagonal(feedback.rho_max)
+        return self.d
+
     def _follow_weights(self) -> None:
         """Every `refresh_steps` steps, re-evaluate a closed-form feedback (LMN) at the current
         weights from the epoch estimate's statistic (`feedback_at_parameters`)."""
@@ -599,6 +609,7 @@ class _Run:
         estimate = self.estimate
         if (
             self.method != "feedback"
+            or self.config.feedback.kind == "per_step_diag"  # the gradients do not read d
             or every == 0
             or estimate is None
             or estimate.statistic is None
@@ -651,7 +662,8 @@ class _Run:
         a resumed run continues with the method it had.
         """
         feedback = self.config.feedback
-        if self.method != "feedback" or self.d is None or not feedback.gate:
+        in_use = self._feedback()
+        if self.method != "feedback" or in_use is None or not feedback.gate:
             return None
         initial = self.epoch == 1
         if not initial and (
@@ -668,7 +680,7 @@ class _Run:
             self.gate_data,
             self.loss_fn,
             feedback,
-            self.d,
+            in_use,
             stage="init" if initial else "recheck",
             epoch=self.epoch - 1,
             checks=("stability", "jacobian", "gradient") if initial else ("gradient",),

@@ -17,6 +17,7 @@ from forecaster.losses import ForecastLoss
 from forecaster.models.base import RecurrentForecaster
 from forecaster.models.registry import build
 from forecaster.training.feedback import (
+    PerStepDiagonal,
     _radius_bound,
     batched_cell_backward,
     estimate_feedback,
@@ -26,6 +27,7 @@ from forecaster.training.feedback import (
     jacobian_diagonal,
     jacobian_mean_matrix,
     jacobian_profile,
+    per_step_feedback,
     reverse_scan,
     reverse_scan_matrix,
     spectral_radius,
@@ -530,6 +532,64 @@ def test_time_varying_exact_diagonal_feedback_equals_bptt_for_the_diagonal_cell(
     _, grads_f = _feedback(model, x, y, m, d, scan="associative")
     _, grads_b = _bptt(model, x, y, m)
     assert max_grad_diff(grads_f, grads_b) <= 1e-10
+
+
+class DiagonalTanh(RecurrentForecaster):
+    """`s_t = tanh(λ ⊙ s_{t−1} + W x_t + b)`: a diagonal Jacobian `diag((1 − s_t²) λ)` that
+    changes with every step (no closed form here: the generic exact diagonal is used)."""
+
+    name = "diagonal_tanh"
+
+    def __init__(self, input_size: int, state_size: int, horizon: int) -> None:
+        super().__init__(input_size, state_size, horizon, state_size=state_size)
+        self.decay = nn.Parameter(torch.empty(state_size).uniform_(-0.95, 0.95))  # λ
+        self.input_proj = nn.Linear(input_size, state_size)  # W, b
+
+    def project_inputs(self, x: Tensor) -> Tensor:
+        return self.input_proj(x)
+
+    def recur(self, a_t: Tensor, s_prev: Tensor) -> Tensor:
+        return torch.tanh(self.decay * s_prev + a_t)
+
+
+def test_per_step_diagonal_equals_bptt_where_the_jacobian_is_diagonal() -> None:
+    """§5.3 option 4: exact for a cell with a diagonal, time-varying Jacobian, where the mean
+    diagonal (the fixed feedback) is not."""
+    torch.manual_seed(0)
+    model = DiagonalTanh(D, HID, HORIZON).to(F64)
+    x, y, m = _data(steps=20)
+    _, grads_b = _bptt(model, x, y, m)
+    _, grads_step = _feedback(model, x, y, m, PerStepDiagonal())  # type: ignore[arg-type]
+    assert max_grad_diff(grads_step, grads_b) <= 1e-10
+    mean = estimate_feedback(model, [x], FeedbackConfig()).d
+    _, grads_mean = _feedback(model, x, y, m, mean)
+    assert max_grad_diff(grads_mean, grads_b) > 1e-4
+
+
+@pytest.mark.parametrize(("name", "params"), FEEDBACK_MODELS, ids=MODEL_IDS)
+def test_per_step_feedback_is_the_next_steps_diagonal_clipped(
+    name: str, params: dict[str, object]
+) -> None:
+    model = _model(name, params)
+    x, _, _ = _data()
+    s_prev = states_no_grad(model, x)[:, :-1]
+    diagonal = jacobian_diagonal(model, x, s_prev)  # [B, T, S]: diag ∂s_t/∂s_{t−1}
+    rho = 0.5 * float(diagonal.abs().max())  # some entries clipped
+    d = per_step_feedback(model, x, s_prev, rho)
+    assert d.shape == (B, T, model.state_size)
+    torch.testing.assert_close(d[:, :-1], diagonal[:, 1:].clamp(-rho, rho), rtol=0, atol=0)
+    assert bool((d[:, -1] == 0).all())
+    assert float(d.abs().max()) == pytest.approx(rho)
+
+
+def test_per_step_diagonal_is_validated_before_any_gradient() -> None:
+    with pytest.raises(ModelError, match=r"rho_max: 1\.0 is not in \(0, 1\)"):
+        PerStepDiagonal(1.0)
+    model = _model("mi_gru", {})
+    x, y, m = _data()
+    with pytest.raises(ModelError, match=r"d: float is neither a tensor nor a PerStepDiagonal"):
+        feedback_gradients(model, x, y, m, ForecastLoss(), 0.5)  # type: ignore[arg-type]
+    assert all(p.grad is None for p in model.parameters())
 
 
 # ---- Jacobian correction sweeps (corrected_deltas) ----------------------------------------------

@@ -252,6 +252,46 @@ def test_matrix_feedback_with_corrections_trains_and_resumes_to_the_same_weights
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
+@pytest.mark.parametrize("name", ["mi_gru", "lmn"])
+def test_per_step_diagonal_trains_through_the_trainer_and_resumes(
+    name: str, tmp_path: Path
+) -> None:
+    """`kind: per_step_diag` (§5.3 option 4): the gradients and the gate use the per-step
+    diagonal (other gate cosine and other weights than `jacobian_mean` from the same start), the
+    mean diagonal is still estimated and recorded, and a resumed run ends where an uninterrupted
+    one does."""
+    train_w, val_w = _windows()
+    per_step = FeedbackConfig(kind="per_step_diag", min_cosine=-1.0)
+    config = _config(method="feedback", epochs=3, max_windows=64, lr=2e-2, feedback=per_step)
+    mean = config.model_copy(
+        update={"feedback": per_step.model_copy(update={"kind": "jacobian_mean"})}
+    )
+    result = train(_model(name), train_w, val_w, config, seed=1)
+    reference = train(_model(name), train_w, val_w, mean, seed=1)
+    history = result.history
+    assert history.method == "feedback", history.method_reason
+    assert history.best_val_loss < 0.8 * history.evaluations[0].val_loss, history.val_losses
+    assert result.feedback is not None
+    assert result.feedback.kind == "per_step_diag"
+    assert result.feedback.d.shape == (result.model.state_size,)
+    cosine, reference_cosine = (r.history.model_gate[0].cosine for r in (result, reference))
+    assert cosine != pytest.approx(reference_cosine, abs=1e-6)
+    final, other = result.model.state_dict(), reference.model.state_dict()
+    assert any(not torch.equal(final[k], other[k]) for k in final)
+    first = _model(name)
+    train(
+        first,
+        train_w,
+        val_w,
+        config.model_copy(update={"epochs": 1}),
+        seed=1,
+        checkpoint_dir=tmp_path,
+    )
+    resumed = train(first, train_w, val_w, config, seed=1, checkpoint_dir=tmp_path, resume=True)
+    for key, value in final.items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
 def test_closed_form_feedback_follows_the_weights_every_step_and_resumes(tmp_path: Path) -> None:
     """LMN's feedback is re-evaluated at the current weights every `refresh_steps` steps from
     the epoch estimate's statistic: other weights than with `refresh_steps: 0`; no effect on a
