@@ -71,7 +71,7 @@ def make_case(
     gen = torch.Generator().manual_seed(1234 + steps)  # same data for every model at this T
     x = torch.randn(BATCH, steps, 1, generator=gen).to(device)
     y = torch.randn(BATCH, steps, HORIZON, generator=gen).to(device)
-    mask = torch.ones(BATCH, steps, HORIZON, device=device)
+    mask = None  # every target valid, as in the trainer's batches (`WindowBatch.mask`)
     d = d_matrix = None
     if model.supports_feedback:
         d = estimate_feedback(model, [x], FeedbackConfig(kind="jacobian_mean")).d

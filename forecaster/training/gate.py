@@ -150,10 +150,22 @@ def jacobian_cv(profile: Tensor) -> float:
     return float(np.median(cv.cpu().numpy()))
 
 
+def _joined_mask(batches: Sequence[WindowBatch]) -> Tensor | None:
+    """The batches' masks joined `[K·B, T, H]`; None when every target is valid."""
+    if all(batch.mask is None for batch in batches):
+        return None
+    return torch.cat(
+        [
+            torch.ones_like(batch.target, dtype=torch.bool) if batch.mask is None else batch.mask
+            for batch in batches
+        ]
+    )
+
+
 def _gradient(
     model: RecurrentForecaster,
     method: Literal["feedback", "bptt"],
-    batch: tuple[Tensor, Tensor, Tensor],
+    batch: tuple[Tensor, Tensor, Tensor | None],
     loss_fn: LossFn,
     d: Feedback | None,
     corrections: int = 0,
@@ -224,7 +236,7 @@ def run_model_gate(
     joined = (
         torch.cat([batch.x for batch in batches]).to(dtype),  # [K·B, T, d]
         torch.cat([batch.target for batch in batches]).to(dtype),  # [K·B, T, H]
-        torch.cat([batch.mask for batch in batches]),  # [K·B, T, H]
+        _joined_mask(batches),  # [K·B, T, H] or None
     )
     was_training = model.training
     model.eval()

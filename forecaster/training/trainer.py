@@ -572,7 +572,7 @@ class _Run:
         )
         return stopped
 
-    def _step(self, x: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    def _step(self, x: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
         self._follow_weights()
         self.optimizer.zero_grad(set_to_none=True)
         with _autocast(self.use_amp, self.device):

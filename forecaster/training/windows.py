@@ -39,14 +39,16 @@ class WindowBatch:
     Attributes:
         x: model inputs `[B, L, 1]`.
         target: forking-sequence targets `[B, L, H]`, `target[b, t, k-1]` = value at `t + k`.
-        mask: validity of each target `[B, L, H]` (bool; all true for full windows).
+        mask: validity of each target `[B, L, H]` (bool), or None: every target is valid —
+            always so for `ForkingWindows` batches (a window is cut only where its `L + H`
+            values exist), which saves the loss a full pass over `[B, L, H]` per step.
         last_target: the `H` values after each window `[B, H]` (`target[:, -1]`).
         index: which windows these are `[B]` (int64, positions in the window table).
     """
 
     x: Tensor
     target: Tensor
-    mask: Tensor
+    mask: Tensor | None
     last_target: Tensor
     index: Tensor
 
@@ -212,7 +214,8 @@ class ForkingWindows:
         if not -n <= i < n:
             raise IndexError(f"window {i} out of range for {n} windows")
         batch = self.batch(torch.tensor([i % n]))
-        return batch.x[0], batch.target[0], batch.mask[0]
+        target = batch.target[0]
+        return batch.x[0], target, torch.ones(target.shape, dtype=torch.bool, device=self.device)
 
     @property
     def device(self) -> torch.device:
@@ -249,8 +252,7 @@ class ForkingWindows:
         x = self._values[positions].unsqueeze(-1)  # [B, L, 1]
         ahead = self._values.unfold(0, self.horizon, 1)  # [total - H + 1, H], a view
         target = ahead[positions + 1]  # [B, L, H]
-        mask = torch.ones(target.shape, dtype=torch.bool, device=self.device)  # [B, L, H]
-        return WindowBatch(x=x, target=target, mask=mask, last_target=target[:, -1], index=index)
+        return WindowBatch(x=x, target=target, mask=None, last_target=target[:, -1], index=index)
 
     def epoch_order(
         self, rng: np.random.Generator | None = None, max_windows: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from forecaster.training.gate import (
     run_model_gate,
 )
 from forecaster.training.trainer import TrainHistory, train
-from forecaster.training.windows import ForkingWindows
+from forecaster.training.windows import ForkingWindows, WindowBatch
 
 F64 = torch.float64
 LOOKBACK, HORIZON, STATE = 16, 4, 6
@@ -125,6 +126,27 @@ def test_exact_feedback_on_a_linear_diagonal_cell_passes_with_cosine_one_and_cv_
     assert report.reason.startswith("passed (stability, jacobian, gradient): cosine 1.000")
     assert all(p.grad is None for p in model.parameters())  # nothing left for the optimiser
     assert model.training
+
+
+def test_gate_reads_explicit_masks_and_none_alike() -> None:
+    """Batches without a mask (every target valid) join with masked ones: an all-true mask
+    measures what no mask does, a partial one changes the gradients compared."""
+    model = _linear()
+    _, val_w = _windows()
+    batches = gate_batches(val_w, 4, 8)
+    assert all(batch.mask is None for batch in batches)
+    d = torch.full((STATE,), 0.5, dtype=F64)  # not the cell's Jacobian: cosine below 1
+
+    def cosine(chosen: list[WindowBatch]) -> float:
+        return run_model_gate(model, chosen, _loss(), FeedbackConfig(), d).cosine
+
+    full = [replace(b, mask=torch.ones_like(b.target, dtype=torch.bool)) for b in batches]
+    partial = [replace(b, mask=b.target > 0) for b in batches]
+    reference = cosine(batches)
+    assert reference < 0.999
+    assert cosine(full) == pytest.approx(reference, abs=1e-12)
+    assert cosine(full[:2] + batches[2:]) == pytest.approx(reference, abs=1e-12)
+    assert cosine(partial[:2] + batches[2:]) != pytest.approx(reference, abs=1e-6)
 
 
 def test_wrong_feedback_fails_gradient_agreement_and_names_it() -> None:

@@ -46,10 +46,10 @@ def test_windows_match_naive_construction_across_series_offsets_and_stride() -> 
     assert len(windows) == len(x_ref) > 0
     batch = windows.batch(np.arange(len(windows)))
     assert batch.x.shape == (len(windows), lookback, 1)
-    assert batch.target.shape == batch.mask.shape == (len(windows), lookback, horizon)
+    assert batch.target.shape == (len(windows), lookback, horizon)
     assert torch.equal(batch.x[..., 0], torch.from_numpy(x_ref))
     assert torch.equal(batch.target, torch.from_numpy(target_ref))
-    assert bool(batch.mask.all())
+    assert batch.mask is None  # every target exists (the naive reference cut them all)
     assert torch.equal(windows.last_step_targets(), torch.from_numpy(target_ref[:, -1]))
     assert torch.equal(batch.last_target, batch.target[:, -1])
     x_one, target_one, mask_one = windows[3]
