@@ -4,9 +4,11 @@ Question: how long does one gradient step (`forecaster.training.gradients.comput
 zero-grad included, optimizer step excluded) take for the MI-GRU and the LMN trained by fixed
 feedback (d = `estimate_feedback` jacobian_mean at the initial parameters) and by full BPTT, and
 for the registry's `gru` (`torch.nn.GRU`, fused kernel) trained by BPTT, at batch 32, H = 96,
-T in {336, 720, 1440}, hidden in {64, 256}? Targets (CPU): feedback >= 2x BPTT at T = 720, h = 64;
-never slower at any size; peak memory <= 1.2x BPTT's; MI-GRU feedback step no slower than
-nn.GRU's fused BPTT step at h = 64. BPTT's step time must grow linearly in T (1440/720 ~ 2).
+T in {336, 720, 1440}, hidden in {64, 256}? Also timed: the mean-Jacobian matrix feedback and
+the diagonal feedback with one Jacobian correction sweep (`corrections: 1`). Targets (CPU):
+feedback >= 2x BPTT at T = 720, h = 64; never slower at any size; peak memory <= 1.2x BPTT's;
+MI-GRU feedback step no slower than nn.GRU's fused BPTT step at h = 64. BPTT's step time must
+grow linearly in T (1440/720 ~ 2).
 
 Timing: per size, every variant gets one warm-up step, then `--rounds` timed rounds in which the
 variants run round-robin (interleaved, so background noise hits all of them alike); median and
@@ -87,14 +89,24 @@ def make_case(
     }
 
 
-def step_fn(method: str, case: dict[str, Any], feedback: str = "d") -> Callable[[], None]:
-    """One gradient step; `feedback`: the case's diagonal `d` or its `d_matrix`."""
+def step_fn(
+    method: str, case: dict[str, Any], feedback: str = "d", corrections: int = 0
+) -> Callable[[], None]:
+    """One gradient step; `feedback`: the case's diagonal `d` or its `d_matrix`; `corrections`:
+    Jacobian correction sweeps of the feedback backward."""
     model = case["model"]
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
         compute_gradients(
-            method, model, case["x"], case["y"], case["mask"], case["loss"], d=case[feedback]
+            method,
+            model,
+            case["x"],
+            case["y"],
+            case["mask"],
+            case["loss"],
+            d=case[feedback],
+            corrections=corrections,
         )
 
     return step
@@ -257,6 +269,7 @@ def main() -> None:
                 variants[f"{name}/bptt"] = step_fn("bptt", cases[name])
                 variants[f"{name}/feedback"] = step_fn("feedback", cases[name])
                 variants[f"{name}/matrix"] = step_fn("feedback", cases[name], "d_matrix")
+                variants[f"{name}/c1"] = step_fn("feedback", cases[name], corrections=1)
             variants["gru/bptt"] = step_fn("bptt", cases["gru"])
             t0 = time.perf_counter()
             times = interleaved(variants, rounds)
@@ -278,6 +291,10 @@ def main() -> None:
                     "feedback_matrix_s": round(statistics.median(times[f"{name}/matrix"]), 4),
                     "speedup_matrix": round(
                         statistics.median(bp) / statistics.median(times[f"{name}/matrix"]), 3
+                    ),
+                    "feedback_c1_s": round(statistics.median(times[f"{name}/c1"]), 4),
+                    "speedup_c1": round(
+                        statistics.median(bp) / statistics.median(times[f"{name}/c1"]), 3
                     ),
                     "nn_gru_s": round(statistics.median(gru), 4),
                     "nn_gru_min_s": round(min(gru), 4),
@@ -328,7 +345,7 @@ def main() -> None:
             "rounds_t1440_h256": args.rounds_large,
             "quick": args.quick,
             "feedback_d": "estimate_feedback jacobian_mean (initial params); matrix column: "
-            "jacobian_matrix",
+            "jacobian_matrix; correction column: jacobian_mean + 1 Jacobian correction sweep",
             "memory_method": MEMORY_METHOD if device == "cpu" else CUDA_MEMORY_METHOD,
             "load_average_start": load_start,
             "load_average_after_timing": load_after_timing,
@@ -422,8 +439,9 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{s['load_average_after_timing']}.",
         "",
         "| model | h | T | BPTT s | feedback s | speedup | matrix feedback s | speedup | "
-        "nn.GRU BPTT s | peak MB BPTT | peak MB feedback | mem ratio | peak MB nn.GRU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "feedback + 1 correction s | speedup | nn.GRU BPTT s | peak MB BPTT | peak MB feedback "
+        "| mem ratio | peak MB nn.GRU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if "timing_run" in s:
         run = s["timing_run"]
@@ -437,6 +455,7 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {e['model']} | {e['hidden']} | {e['T']} | {e['bptt_s']:.3f} ({e['bptt_min_s']:.3f})"
             f" | {e['feedback_s']:.3f} ({e['feedback_min_s']:.3f}) | {e['speedup']:.2f}x"
             f" | {_or_dash(e, 'feedback_matrix_s', '.3f')} | {_or_dash(e, 'speedup_matrix', '.2f')}"
+            f" | {_or_dash(e, 'feedback_c1_s', '.3f')} | {_or_dash(e, 'speedup_c1', '.2f')}"
             f" | {e['nn_gru_s']:.3f} ({e['nn_gru_min_s']:.3f}) | {e.get('peak_mb_bptt', '–')}"
             f" | {e.get('peak_mb_feedback', '–')} | {e.get('peak_ratio', '–')}"
             f" | {e.get('peak_mb_nn_gru', '–')} |"
