@@ -534,22 +534,14 @@ def test_time_varying_exact_diagonal_feedback_equals_bptt_for_the_diagonal_cell(
     assert max_grad_diff(grads_f, grads_b) <= 1e-10
 
 
-class DiagonalTanh(RecurrentForecaster):
+class DiagonalTanh(DiagonalLinear):
     """`s_t = tanh(λ ⊙ s_{t−1} + W x_t + b)`: a diagonal Jacobian `diag((1 − s_t²) λ)` that
     changes with every step (no closed form here: the generic exact diagonal is used)."""
 
     name = "diagonal_tanh"
 
-    def __init__(self, input_size: int, state_size: int, horizon: int) -> None:
-        super().__init__(input_size, state_size, horizon, state_size=state_size)
-        self.decay = nn.Parameter(torch.empty(state_size).uniform_(-0.95, 0.95))  # λ
-        self.input_proj = nn.Linear(input_size, state_size)  # W, b
-
-    def project_inputs(self, x: Tensor) -> Tensor:
-        return self.input_proj(x)
-
     def recur(self, a_t: Tensor, s_prev: Tensor) -> Tensor:
-        return torch.tanh(self.decay * s_prev + a_t)
+        return torch.tanh(super().recur(a_t, s_prev))
 
 
 def test_per_step_diagonal_equals_bptt_where_the_jacobian_is_diagonal() -> None:

@@ -18,6 +18,7 @@ from forecaster.models.registry import build
 from forecaster.training.trainer import (
     EpochRecord,
     TrainHistory,
+    TrainResult,
     evaluate_mse,
     train,
 )
@@ -217,6 +218,21 @@ def test_feedback_is_refreshed_every_refresh_every_epochs() -> None:
     assert refreshed == [True, False, True]
 
 
+def _assert_resumes_to(
+    final: dict[str, Tensor], name: str, config: TrainConfig, stop_after: int, checkpoint: Path
+) -> TrainResult:
+    """A run of `name` stopped after `stop_after` epochs and resumed from its checkpoint ends
+    with the weights `final` of the uninterrupted run (same windows, seed 1); the resumed run."""
+    train_w, val_w = _windows()
+    first = _model(name)
+    stopped = config.model_copy(update={"epochs": stop_after})
+    train(first, train_w, val_w, stopped, seed=1, checkpoint_dir=checkpoint)
+    resumed = train(first, train_w, val_w, config, seed=1, checkpoint_dir=checkpoint, resume=True)
+    for key, value in final.items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    return resumed
+
+
 @pytest.mark.parametrize("name", ["lmn", "scrn"])
 def test_matrix_feedback_with_corrections_trains_and_resumes_to_the_same_weights(
     name: str, tmp_path: Path
@@ -238,18 +254,7 @@ def test_matrix_feedback_with_corrections_trains_and_resumes_to_the_same_weights
     radii = [r.spectral_radius for r in history.epochs if r.feedback_seconds is not None]
     assert len(radii) == 2
     assert all(r is not None and 0 < r < 1 for r in radii)
-    first = _model(name)
-    train(
-        first,
-        train_w,
-        val_w,
-        config.model_copy(update={"epochs": 2}),
-        seed=1,
-        checkpoint_dir=tmp_path,
-    )
-    resumed = train(first, train_w, val_w, config, seed=1, checkpoint_dir=tmp_path, resume=True)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    _assert_resumes_to(model.state_dict(), name, config, 2, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["mi_gru", "lmn"])
@@ -278,18 +283,7 @@ def test_per_step_diagonal_trains_through_the_trainer_and_resumes(
     assert cosine != pytest.approx(reference_cosine, abs=1e-6)
     final, other = result.model.state_dict(), reference.model.state_dict()
     assert any(not torch.equal(final[k], other[k]) for k in final)
-    first = _model(name)
-    train(
-        first,
-        train_w,
-        val_w,
-        config.model_copy(update={"epochs": 1}),
-        seed=1,
-        checkpoint_dir=tmp_path,
-    )
-    resumed = train(first, train_w, val_w, config, seed=1, checkpoint_dir=tmp_path, resume=True)
-    for key, value in final.items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    _assert_resumes_to(final, name, config, 1, tmp_path)
 
 
 def test_closed_form_feedback_follows_the_weights_every_step_and_resumes(tmp_path: Path) -> None:
@@ -314,14 +308,9 @@ def test_closed_form_feedback_follows_the_weights_every_step_and_resumes(tmp_pat
     gru_following, gru_fixed = final("mi_gru", config), final("mi_gru", frozen)
     assert all(torch.equal(gru_following[k], gru_fixed[k]) for k in gru_following)
 
-    first = _model("lmn")
-    one_epoch = config.model_copy(update={"epochs": 1})
-    train(first, train_w, val_w, one_epoch, seed=1, checkpoint_dir=tmp_path)
-    resumed = train(first, train_w, val_w, config, seed=1, checkpoint_dir=tmp_path, resume=True)
+    resumed = _assert_resumes_to(following, "lmn", config, 1, tmp_path)
     assert resumed.feedback is not None
     assert resumed.feedback.statistic is not None
-    for key, value in following.items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
 def test_model_without_feedback_support_trains_with_bptt_and_says_why(
