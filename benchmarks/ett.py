@@ -512,7 +512,11 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder of ETT*.csv")
     parser.add_argument("--append", action="store_true", help="keep the runs already in ett.json")
-    parser.add_argument("--not-run", default="", help="text for the table: what was not run")
+    parser.add_argument(
+        "--not-run",
+        default=None,
+        help="text for the table: what was not run (with --append, default: the file's own)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -542,6 +546,10 @@ def main() -> None:
         if dropped:
             print(f"--append: dropped {dropped} earlier runs made with other settings")
         baselines = old.get("baselines", {})
+        if args.not_run is None:
+            args.not_run = old.get("not_run", "")
+    if args.not_run is None:
+        args.not_run = ""
     done = {run_key(r) for r in runs}
     work = Path(tempfile.mkdtemp(prefix="ett_bench_"))
     started = time.perf_counter()
