@@ -1038,6 +1038,14 @@ def corrected_deltas(
     diagonal drops: SCRN's context → hidden, LMN's memory mixing, a gate's cross-unit terms),
     so `δ^{(T−1)}` is BPTT's `δ`; one or two sweeps already recover most of the difference.
 
+    The sweeps are a splitting iteration for `(I − J)δ = g` preconditioned by the scan, whose
+    terms grow like `‖J_t − D‖ / (1 − ρ(D))` before the shift truncates them: with a feedback
+    radius near 1 and Jacobians that vary around it the partial sums alternate in sign and
+    grow (an LMN on ETTh1 with the matrix feedback at radius 0.99: one sweep's gradient had
+    cosine −0.9 with BPTT's at 240× its norm, and the weights diverged within an epoch). So a
+    sweep whose `δ` points against the previous one (`⟨δ^{(k+1)}, δ^{(k)}⟩ ≤ 0`, or not finite)
+    is dropped and the sweeps stop there: the plain feedback's `δ` is kept at worst.
+
     Args:
         model, x, s_prev: as `batched_cell_backward`.
         direct: the head's direct gradients `g [B, T, S]`.
@@ -1074,7 +1082,12 @@ def corrected_deltas(
             fixed = (d[..., :-1, :] if d.dim() > 1 else d) * ahead  # d[..., t, :] ⊙ δ_{t+1}
         rest = torch.zeros_like(direct)
         rest[..., :-1, :] = u[..., 1:, :] - fixed
-        delta = scan_with_d(direct + rest)
+        corrected = scan_with_d(direct + rest)
+        agreement = float(torch.vdot(corrected.flatten(), delta.flatten()))
+        if not agreement > 0.0:  # reversed (or NaN / inf): the sweeps diverge here
+            logger.debug("correction sweep dropped: it reverses δ (⟨δ_new, δ⟩ = %.3g)", agreement)
+            break
+        delta = corrected
     return delta
 
 

@@ -20,6 +20,7 @@ from forecaster.training.feedback import (
     PerStepDiagonal,
     _radius_bound,
     batched_cell_backward,
+    corrected_deltas,
     estimate_feedback,
     feedback_at_parameters,
     feedback_gradients,
@@ -622,6 +623,33 @@ def test_state_vector_jacobian_is_the_per_step_jacobian_transpose_product() -> N
         assert (u[b, t] - expected).abs().max().item() <= 1e-12
     assert (blocked - u).abs().max().item() <= 1e-12
     assert all(p.grad is None for p in model.parameters())  # no parameter gradient touched
+
+
+@pytest.mark.parametrize(
+    ("decay", "feedback", "kept"), [(0.5, 0.6, True), (0.5, 0.999, False), (-0.9, 0.999, False)]
+)
+def test_a_correction_sweep_that_reverses_delta_is_dropped(
+    decay: float, feedback: float, kept: bool
+) -> None:
+    """A feedback of radius 0.999 on a cell whose Jacobian is 0.5 or −0.9: the sweep's terms
+    grow like `|λ − d| / (1 − d)` ≫ 1, its `δ` points against the plain one, and it is dropped
+    (the plain `δ` kept). With `d = 0.6` (ratio 0.25) the sweep agrees and is used."""
+    torch.manual_seed(0)
+    model = DiagonalLinear(D, HID, HORIZON).to(F64)
+    with torch.no_grad():
+        model.decay.fill_(decay)
+    x, _, _ = _data(steps=50)
+    s_prev = states_no_grad(model, x)[:, :-1]
+    g = torch.randn(s_prev.shape, dtype=F64)
+    d = torch.full((HID,), feedback, dtype=F64)
+    plain = corrected_deltas(model, x, s_prev, g, d, 0)
+    u = state_vector_jacobian(model, x, s_prev, plain)  # J_tᵀ δ_t
+    rest = torch.zeros_like(g)
+    rest[:, :-1] = u[:, 1:] - d * plain[:, 1:]
+    candidate = reverse_scan(g + rest, d)  # what the sweep computes
+    assert (float(torch.vdot(candidate.flatten(), plain.flatten())) > 0) is kept
+    swept = corrected_deltas(model, x, s_prev, g, d, 1)
+    torch.testing.assert_close(swept, candidate if kept else plain, rtol=0, atol=0)
 
 
 def test_corrections_are_validated_before_any_gradient() -> None:
