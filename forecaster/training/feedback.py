@@ -50,9 +50,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ChunkLocal",
+    "Feedback",
     "FeedbackEstimate",
     "JacobianMethod",
-    "Feedback",
     "LossFn",
     "PerStepDiagonal",
     "ScanMethod",
@@ -81,6 +81,13 @@ JacobianMethod = Literal["auto", "closed_form", "exact", "hutchinson"]
 LossFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (pred, target, mask) -> scalar
 
 SCAN_METHODS: tuple[str, ...] = ("loop", "chunked", "associative", "fft")
+# Above this state width the exact Jacobian (S vector-Jacobian products per row) costs more than
+# it is worth; Hutchinson probes take over (ALGORITHMS.md §5.3).
+EXACT_JACOBIAN_MAX_STATE = 256
+# Rows per vmap(jacrev) call: bounds the [rows, S, S] Jacobian block in memory (~4M elements).
+_JACOBIAN_BLOCK_ELEMENTS = 1 << 22
+# Working set of one CPU block of the batched re-evaluation (~4 MiB: stays in a core's cache).
+_CPU_BLOCK_BYTES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -102,13 +109,6 @@ class PerStepDiagonal:
 
 # The feedback of a gradient call: a fixed `d` ([S], [B, T, S] or [S, S]) or the per-step rule.
 Feedback = Tensor | PerStepDiagonal
-# Above this state width the exact Jacobian (S vector-Jacobian products per row) costs more than
-# it is worth; Hutchinson probes take over (ALGORITHMS.md §5.3).
-EXACT_JACOBIAN_MAX_STATE = 256
-# Rows per vmap(jacrev) call: bounds the [rows, S, S] Jacobian block in memory (~4M elements).
-_JACOBIAN_BLOCK_ELEMENTS = 1 << 22
-# Working set of one CPU block of the batched re-evaluation (~4 MiB: stays in a core's cache).
-_CPU_BLOCK_BYTES = 1 << 22
 
 
 # ---- reverse scans (ALGORITHMS.md §5.2, oracle O12) --------------------------------------------
