@@ -12,8 +12,11 @@ grow linearly in T (1440/720 ~ 2).
 
 Timing: per size, every variant gets one warm-up step, then `--rounds` timed rounds in which the
 variants run round-robin (interleaved, so background noise hits all of them alike); median and
-min per variant. All variants see the same input/target tensors (seeded standard normal, 1
-feature; the step cost does not depend on the values).
+min per variant. On CPU the steps run inside `forecaster.training.heap.training_heap()`, as the
+trainer runs them (freed blocks stay in the heap instead of being page-faulted back every step);
+`--heap default` times glibc's default behaviour instead (results/train_speed_default_heap.*).
+All variants see the same input/target tensors (seeded standard normal, 1 feature; the step cost
+does not depend on the values).
 
 Peak memory: each (model, method, size) runs in a fresh subprocess (same thread count, fixed
 MALLOC_MMAP_THRESHOLD_ so large tensors are returned to the OS on free): one warm-up step, then
@@ -28,6 +31,7 @@ Writes benchmarks/results/train_speed.json and .md. Run: python benchmarks/train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -49,6 +53,7 @@ from forecaster.losses import ForecastLoss  # noqa: E402
 from forecaster.models.registry import build  # noqa: E402
 from forecaster.training.feedback import estimate_feedback  # noqa: E402
 from forecaster.training.gradients import compute_gradients  # noqa: E402
+from forecaster.training.heap import training_heap  # noqa: E402
 
 BATCH = 32
 HORIZON = 96
@@ -218,50 +223,18 @@ def fill_memory(entries: list[dict[str, Any]], threads: int) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="T in {336, 720}, h = 64 only")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per size (>= 5)")
-    parser.add_argument("--rounds-large", type=int, default=5, help="rounds at T=1440, h=256")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument(
-        "--memory-only",
-        action="store_true",
-        help="re-measure peak memory for the entries of the existing JSON",
-    )
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default="cpu",
-        help="cuda: time on the GPU (synchronized), peak memory = CUDA max allocated; writes "
-        "results/train_speed_cuda.*",
-    )
-    parser.add_argument("--_peak", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args._peak:
-        name, method, hidden, steps = args._peak
-        peak_child(name, method, int(hidden), int(steps), args.threads)
-        return
-    if min(args.rounds, args.rounds_large) < 5:
-        parser.error("at least 5 timed rounds")
-    torch.set_num_threads(args.threads)
-    if args.memory_only:
-        memory_only(args.threads)
-        return
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    lengths = (336, 720) if args.quick else (336, 720, 1440)
-    hiddens = (64,) if args.quick else (64, 256)
-    load_start = [round(v, 2) for v in os.getloadavg()]
-    started = time.perf_counter()
-    entries: list[dict[str, Any]] = []
+def time_sizes(
+    entries: list[dict[str, Any]],
+    device: str,
+    hiddens: tuple[int, ...],
+    lengths: tuple[int, ...],
+    rounds_default: int,
+    rounds_large: int,
+) -> None:
+    """Time every variant at every (hidden, T); one entry per (model, hidden, T) into `entries`."""
     for hidden in hiddens:
         for steps in lengths:
-            rounds = args.rounds_large if (steps == 1440 and hidden == 256) else args.rounds
+            rounds = rounds_large if (steps == 1440 and hidden == 256) else rounds_default
             cases = {name: make_case(name, hidden, steps, device=device) for name in CELLS}
             cases["gru"] = make_case("gru", hidden, steps, device=device)
             variants: dict[str, Callable[[], None]] = {}
@@ -315,6 +288,59 @@ def main() -> None:
                     flush=True,
                 )
             del cases, variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T in {336, 720}, h = 64 only")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per size (>= 5)")
+    parser.add_argument("--rounds-large", type=int, default=5, help="rounds at T=1440, h=256")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="re-measure peak memory for the entries of the existing JSON",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: time on the GPU (synchronized), peak memory = CUDA max allocated; writes "
+        "results/train_speed_cuda.*",
+    )
+    parser.add_argument(
+        "--heap",
+        choices=("training", "default"),
+        default="training",
+        help="CPU timing inside training_heap() as the trainer runs (default), or with glibc's "
+        "defaults (writes results/train_speed_default_heap.*)",
+    )
+    parser.add_argument("--_peak", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._peak:
+        name, method, hidden, steps = args._peak
+        peak_child(name, method, int(hidden), int(steps), args.threads)
+        return
+    if min(args.rounds, args.rounds_large) < 5:
+        parser.error("at least 5 timed rounds")
+    torch.set_num_threads(args.threads)
+    if args.memory_only:
+        memory_only(args.threads)
+        return
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    lengths = (336, 720) if args.quick else (336, 720, 1440)
+    hiddens = (64,) if args.quick else (64, 256)
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    started = time.perf_counter()
+    entries: list[dict[str, Any]] = []
+    heap = device == "cpu" and args.heap == "training"
+    with training_heap() if heap else contextlib.nullcontext():
+        time_sizes(entries, device, hiddens, lengths, args.rounds, args.rounds_large)
     timing_s = time.perf_counter() - started
     load_after_timing = [round(v, 2) for v in os.getloadavg()]
     if device == "cuda":
@@ -333,6 +359,8 @@ def main() -> None:
                 )
     targets = targets_report(entries)
     result_name = "train_speed" if device == "cpu" else "train_speed_cuda"
+    if device == "cpu" and not heap:
+        result_name = "train_speed_default_heap"
     payload = {
         "settings": {
             "device": device
@@ -344,6 +372,9 @@ def main() -> None:
             "rounds": args.rounds,
             "rounds_t1440_h256": args.rounds_large,
             "quick": args.quick,
+            "heap": "training_heap (as the trainer on CPU)"
+            if heap
+            else ("glibc defaults" if device == "cpu" else "n/a (CUDA)"),
             "feedback_d": "estimate_feedback jacobian_mean (initial params); matrix column: "
             "jacobian_matrix; correction column: jacobian_mean + 1 Jacobian correction sweep",
             "memory_method": MEMORY_METHOD if device == "cpu" else CUDA_MEMORY_METHOD,
@@ -434,7 +465,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"Batch {s['batch']}, H = {s['horizon']}, {s['threads']} torch CPU thread(s); median (min) "
         f"seconds per step over {s['rounds']} interleaved rounds after one warm-up "
-        f"({s['rounds_t1440_h256']} at T = 1440, h = 256). Peak memory: {s['memory_method']}. "
+        f"({s['rounds_t1440_h256']} at T = 1440, h = 256); "
+        f"heap: {s.get('heap', 'glibc defaults')}. Peak memory: {s['memory_method']}. "
         f"Load average at start {s['load_average_start']}, after timing "
         f"{s['load_average_after_timing']}.",
         "",

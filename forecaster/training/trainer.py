@@ -16,7 +16,8 @@ MLflow tracker) receive `on_epoch_end` and `on_train_end` events; the loop logs 
 epoch. Under a process group (`torchrun`, Ray Train; `forecaster.training.distributed`) the same
 loop trains data-parallel: each rank takes its share of every global batch, gradients are averaged
 over the ranks before clipping, validation is split over the ranks and summed, and only rank 0
-checkpoints, logs and calls the subscribers.
+checkpoints, logs and calls the subscribers. On CPU the run keeps freed memory in the process heap
+(`forecaster.training.heap`): every step re-allocates the same large blocks.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from forecaster.training.feedback import (
 )
 from forecaster.training.gate import ModelGateReport, gate_batches, run_model_gate
 from forecaster.training.gradients import compute_gradients
+from forecaster.training.heap import training_heap
 from forecaster.training.windows import ForkingWindows, WindowBatch
 
 __all__ = [
@@ -380,7 +382,11 @@ def train(
         loss_fn = ForecastLoss.from_config(
             config.loss, train_windows.lookback, train_windows.horizon
         )
-    with _deterministic(config.deterministic, device):
+    # CPU steps re-allocate the same large blocks: keep them in the heap (training_heap).
+    heap: contextlib.AbstractContextManager[Any] = (
+        training_heap() if device.type == "cpu" else contextlib.nullcontext()
+    )
+    with heap, _deterministic(config.deterministic, device):
         _seed_everything(seed)
         model = model.to(device)
         ddp.broadcast_parameters(model, group)
