@@ -9,8 +9,9 @@ the MI-GRU at h 64, T 720 faulted ~11k pages (~45 MB) per step, at h 256, T 1440
 with both thresholds raised, none once warm.
 
 `training_heap()` raises both thresholds for the duration of training, so freed blocks stay in
-the heap and the next step reuses them, then puts the default values back and returns the free
-memory to the kernel (`malloc_trim`). Nested and concurrent uses share one setting: the last to
+the heap and the next step reuses them, then puts glibc's initial values (128 KiB) back and
+returns the free memory to the kernel (`malloc_trim`); glibc's adaptive mmap threshold stays off
+after that (mallopt cannot turn it back on), so the process keeps returning large blocks. Nested and concurrent uses share one setting: the last to
 leave restores it. Elsewhere (not Linux/glibc, e.g. macOS or musl) it does nothing; with another
 allocator preloaded (jemalloc, tcmalloc) glibc's settings are inert.
 """
