@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 # mallopt parameters (glibc malloc.h) and values.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_KEEP_MMAP = (1 << 30, 32 << 20)  # 1 GiB; glibc < 2.26 caps the threshold at 32 MiB
+_KEEP_MMAP = (1 << 30, 32 << 20)  # 1 GiB, or 32 MiB where glibc refuses more (older ones)
 _KEEP_TRIM = (1 << 31) - 1  # the largest C int: never trim while training
 # Where glibc's adaptive thresholds settle after large frees (DEFAULT_MMAP_THRESHOLD_MAX, twice it).
 _AFTER_MMAP = 32 << 20
