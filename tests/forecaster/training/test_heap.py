@@ -26,10 +26,10 @@ BLOCK = 64 << 20  # above glibc's largest adaptive mmap threshold (32 MiB): unma
 PAGES = BLOCK // resource.getpagesize()
 
 
-def _faults_of_block(size: int = BLOCK) -> int:
-    """Page faults of allocating, touching and freeing one block of `size` bytes."""
+def _faults_of_block() -> int:
+    """Page faults of allocating, touching and freeing one `BLOCK`."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = torch.empty(size // 4)
+    block = torch.empty(BLOCK // 4)
     block.fill_(1.0)
     del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
