@@ -9,7 +9,9 @@ three callers:
 - `recur(a_t, s_prev) -> s_t`: one step of the recurrence on the projected input and the carried
   state (`[N, P], [N, S] -> [N, S]`, any `N`), so the fixed-feedback trainer can re-evaluate all
   `B*T` steps in one batched call (ALGORITHMS.md §5.2 step (b); oracle O13);
-- `readout(s) -> y`: the head, a plain batched layer on states (`[..., S] -> [..., H]`).
+- `readout(s) -> y`: the head, a plain batched layer on states (`[..., S] -> [..., H]`);
+  `window_readout(s, x, s0)` is the same on a whole window, where a model may read what its
+  state copies from the inputs (`LinearLags`) from the inputs instead.
 
 The carried state is always ONE tensor `s [N, S]` with `S = state_size` (GRU/MI-GRU: `h`;
 LSTM: `[h; c]`; LMN: `m`; SCRN: `[s_ctx; h]`), which keeps the time loop, the ONNX step graph and
@@ -30,10 +32,31 @@ that overrides `forward` must keep that decorator. For a compact step graph, spl
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from forecaster.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+def script_loop(function: Callable[..., Any], owner: str) -> Callable[..., Any] | None:
+    """`torch.jit.script(function)` for a model's no-grad time loop, or None with a warning when
+    scripting fails (the caller then runs its eager loop, which gives the same states)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in torch 2.13
+            return torch.jit.script(function)  # type: ignore[no-any-return]
+    except Exception:
+        logger.warning(
+            "%s: the no-grad loop cannot be scripted; using the eager one", owner, exc_info=True
+        )
+        return None
 
 
 class RecurrentForecaster(nn.Module):
@@ -99,6 +122,20 @@ class RecurrentForecaster(nn.Module):
             return self.head(s)
         return self.head(s[..., : self.head_features])
 
+    @torch.jit.ignore
+    def window_readout(self, s: Tensor, x: Tensor, s0: Tensor) -> Tensor:
+        """Forking forecasts of a window's steps: `s [B, T, S]` (the state after each step),
+        `x [B, T, d]` (the window's inputs), `s0 [B, S]` (the state before it) -> `[B, T, H]`.
+
+        Equals `readout(s)` (this default). A model whose state carries copies of its inputs
+        (`LinearLags`' register) reads them from `x` and `s0` instead, as one convolution, so the
+        gradient reaches those units through `x` and `s0`, never through `s`; there `s` may also
+        be the states of `feedback_core()` alone (`[B, T, feedback_units]`). The training paths
+        (`forward`, the fixed-feedback head, truncated BPTT) call this; the exported graphs and
+        single steps call `readout`.
+        """
+        return self.readout(s)
+
     def initial_state(
         self,
         batch_size: int,
@@ -119,6 +156,14 @@ class RecurrentForecaster(nn.Module):
         """The leading state units whose `δ` can reach a parameter (all of them unless a model
         carries units that feed only the head, e.g. `LinearLags`' input register)."""
         return self.state_size
+
+    @torch.jit.ignore
+    def feedback_core(self) -> RecurrentForecaster:
+        """The model whose state is this one's first `feedback_units` units, with the same
+        recurrence there: the fixed-feedback trainer runs its no-grad forward, re-evaluation and
+        Jacobian products on it, and `window_readout` reads its states. This model itself unless
+        it carries units that feed only the head (`LinearLags`: the wrapped model)."""
+        return self
 
     # ---- written once from the three pieces -------------------------------------------------
 
@@ -146,7 +191,8 @@ class RecurrentForecaster(nn.Module):
     @torch.jit.ignore
     def forward(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
         """Forecasts from every step: `x [B, T, d] -> [B, T, H]` (forking sequences)."""
-        return self.readout(self.run_states(x, s0)[:, 1:])
+        states = self.run_states(x, s0)  # [B, T+1, S]
+        return self.window_readout(states[:, 1:], x, states[:, 0])
 
     def forecast(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
         """Forecast from the last step of each window: `x [B, T, d] -> [B, H]`."""

@@ -12,15 +12,24 @@ i.e. of the last `K` levels relative to the last one — the NLinear forecaster 
 cell learns what a linear map of the window misses. `W_ℓ` starts at zero: at initialisation the
 model forecasts exactly like the wrapped one.
 
-Feedback training: no parameter acts on the register (its input is the raw `x_t`), so the
-gradient never needs its `δ`; its exact Jacobian is a shift (zero diagonal), and
-`feedback_units` tells the non-diagonal feedback to spend its `S × S` work on the cell's units only.
+Training reads the register from the inputs instead of the states (`window_readout`, `forward`):
+`W_ℓ ℓ_t` for every step of a window is one convolution of the input sequence with `W_ℓ`, so
+the `[B, T, K·d]` register is never multiplied out and no gradient is formed for it (at K = 336,
+h = 64, T = 336 the lag readout was about half of a training step's time, for BPTT and feedback
+alike). Single steps and the exported graphs keep `readout` on the carried state.
+
+Feedback training: no parameter acts on the register (its input is the raw `x_t`) and the cell
+never reads it, so the gradient never needs its `δ`; its exact Jacobian is a shift (zero
+diagonal). `feedback_units` limits the feedback estimate to the cell's units, and
+`feedback_core` hands the trainer the wrapped model, so the fixed-feedback step never builds the
+register either (its forward, scan and re-evaluation run on the cell's `S_c` units).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from forecaster.errors import ModelError
 from forecaster.models.base import RecurrentForecaster
@@ -75,6 +84,12 @@ class LinearLags(RecurrentForecaster):
         """Units whose `δ` reaches a parameter: the cell's (the register feeds only the head)."""
         return self.cell_size
 
+    @torch.jit.ignore
+    def feedback_core(self) -> RecurrentForecaster:
+        """The wrapped model: the fixed-feedback trainer differentiates its recurrence alone
+        (the register has no parameters and the cell never reads it)."""
+        return self.inner
+
     def project_inputs(self, x: Tensor) -> Tensor:
         """`[..., d] -> [..., P_c + d]`: the cell's projections, then the raw input."""
         return torch.cat([self.inner.project_inputs(x), x], dim=-1)
@@ -102,6 +117,43 @@ class LinearLags(RecurrentForecaster):
             return self.head(s)
         cell, register = torch.split(s, self.sizes, dim=-1)
         return self.head(torch.cat([cell[..., : self.cell_head], register], dim=-1))
+
+    @torch.jit.ignore
+    def window_readout(self, s: Tensor, x: Tensor, s0: Tensor) -> Tensor:
+        """`readout` of a window's states `s [B, T, S]` (or the wrapped model's alone,
+        `[B, T, S_c]`), with the register read from its inputs:
+        `W_c c_t + b` from `s`, and `W_ℓ ℓ_t` for all `t` as one convolution of `s0`'s register
+        and `x` with `W_ℓ` (`ℓ_t` is a sliding window of them), so no register is multiplied
+        out and no gradient is formed for the register units of `s`, which no parameter
+        produces. Equal to `readout(s)` up to rounding when `s` are the window's states."""
+        return self._window_forecasts(s[..., : self.cell_size], x, s0)
+
+    @torch.jit.ignore
+    def forward(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
+        """`x [B, T, d] -> [B, T, H]`: the wrapped model's states, then `window_readout` (the
+        register is never built)."""
+        self._check_input(x, s0)
+        s0 = self.initial_state(x.size(0), x.device, x.dtype) if s0 is None else s0
+        cells = self.inner.run_states(x, s0[:, : self.cell_size])  # [B, T+1, S_c]
+        return self._window_forecasts(cells[:, 1:], x, s0)
+
+    def _window_forecasts(self, cells: Tensor, x: Tensor, s0: Tensor) -> Tensor:
+        """`cells [B, T, S_c]`, `x [B, T, d]`, `s0 [B, S]` -> `[B, T, H]`."""
+        batch, steps, d = x.shape
+        if cells.shape[:2] != (batch, steps) or s0.shape != (batch, self.state_size):
+            raise ModelError(
+                f"states: shapes {tuple(cells.shape)} and s0 {tuple(s0.shape)} do not match a "
+                f"window x of shape {tuple(x.shape)} with state size {self.state_size}",
+                field="states",
+            )
+        weight, features = self.head.weight, self.cell_head
+        pred = F.linear(cells[..., :features], weight[:, :features], self.head.bias)  # [B, T, H]
+        past = s0[:, self.cell_size :].reshape(batch, self.lags, d)[:, 1:]  # [B, K−1, d]
+        sequence = torch.cat([past, x], dim=1).transpose(1, 2)  # [B, d, K−1+T]
+        # ℓ_t[j·d + i] = sequence[i, t + j]: W_ℓ as a kernel [H, d, K] (cross-correlation).
+        kernel = weight[:, features:].reshape(self.horizon, self.lags, d).transpose(1, 2)
+        lagged = F.conv1d(sequence, kernel)  # [B, H, T]
+        return pred + lagged.transpose(1, 2)
 
     def state_jacobian_diagonal(self, x: Tensor, s_prev: Tensor) -> Tensor:
         """The cell's closed-form diagonal; zeros on the register (a shift has none)."""

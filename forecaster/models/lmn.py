@@ -22,9 +22,7 @@ and three matmuls per step, no concatenation (`LMN._folded_weights`).
 from __future__ import annotations
 
 import functools
-import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -34,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from forecaster.errors import ModelError
-from forecaster.models.base import RecurrentForecaster
+from forecaster.models.base import RecurrentForecaster, script_loop
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -54,7 +52,6 @@ __all__ = [
     "pretrain_lmn",
 ]
 
-logger = logging.getLogger(__name__)
 
 # Beyond this width L·k of a history row, Ξ (or its Gram matrix) no longer fits comfortably in
 # memory; the caller should shorten `history` instead [O].
@@ -118,16 +115,9 @@ def _sigmoid_states(
 
 @functools.cache
 def _scripted_sigmoid_states() -> Callable[..., tuple[Tensor, Tensor]] | None:
-    """`_sigmoid_states` scripted once per process (None, with a warning, if that fails)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in torch 2.13
-            return torch.jit.script(_sigmoid_states)  # type: ignore[no-any-return]
-    except Exception:  # the generic scripted loop gives the same states
-        logger.warning(
-            "LMN: the feedback loop cannot be scripted; using the generic one", exc_info=True
-        )
-        return None
+    """`_sigmoid_states` scripted once per process (None if that fails: the generic scripted
+    loop gives the same states)."""
+    return script_loop(_sigmoid_states, "LMN")
 
 
 @dataclass(frozen=True)

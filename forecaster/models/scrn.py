@@ -28,7 +28,9 @@ Runtime's optimiser), batch 256 unchanged; eager forward and BPTT 1.3–2× fast
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -37,9 +39,32 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from forecaster.errors import ModelError
-from forecaster.models.base import RecurrentForecaster
+from forecaster.models.base import RecurrentForecaster, script_loop
 
 __all__ = ["SCRN", "SCRNConfig"]
+
+
+def _srn_states(a: Tensor, s0: Tensor, matrix_t: Tensor, context: int, sigmoid: bool) -> Tensor:
+    """The block-form SRN recurrence without autograd: `q_t = a_t + s_{t−1} Mᵀ`, then the
+    activation on the hidden units `q_t[:, c:]`. `a [T, B, S], s0 [B, S], Mᵀ [S, S] ->
+    [B, T+1, S]` (a view of time-major storage)."""
+    steps = a.size(0)
+    states = torch.empty(steps + 1, s0.size(0), s0.size(1), dtype=a.dtype, device=a.device)
+    states[0] = s0
+    for t in range(steps):
+        nxt = torch.addmm(a[t], states[t], matrix_t, out=states[t + 1])  # [B, S]
+        hidden = nxt[:, context:]
+        if sigmoid:
+            hidden.sigmoid_()
+        else:
+            hidden.tanh_()
+    return states.transpose(0, 1)
+
+
+@functools.cache
+def _scripted_srn_states() -> Callable[..., Tensor] | None:
+    """`_srn_states` scripted once per process (None if that fails)."""
+    return script_loop(_srn_states, "SCRN")
 
 
 @dataclass(frozen=True)
@@ -147,11 +172,25 @@ class SCRN(RecurrentForecaster):
         return torch.cat([q[..., :c], self.act(q[..., c:])], dim=-1)  # [N, c + h]
 
     def run_states(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
-        """`x [B, T, d] -> [B, T+1, c + h]`: the base loop, recurrent matrix built once."""
+        """`x [B, T, d] -> [B, T+1, c + h]`: the base loop, recurrent matrix built once.
+
+        Without autograd (the fixed-feedback forward, validation) one scripted loop instead
+        (`_srn_states`): per step one `addmm` written straight into the stored states and the
+        activation in place on the hidden units, ~2x faster at h = 64, T = 336 on CPU.
+        """
         self._check_input(x, s0)
         s = self.initial_state(x.size(0), x.device, x.dtype) if s0 is None else s0
         a = self.project_inputs(x.transpose(0, 1))  # [T, B, c + h]
         matrix = self.recurrent_matrix()  # [c + h, c + h]
+        needs_grad = torch.is_grad_enabled() and (
+            s.requires_grad or a.requires_grad or matrix.requires_grad
+        )
+        eager = needs_grad or torch.is_autocast_enabled(x.device.type)
+        loop = None if eager else _scripted_srn_states()
+        if loop is not None:
+            with torch.no_grad():
+                sigmoid = self.config.activation == "sigmoid"
+                return loop(a, s, matrix.t(), self.context_size, sigmoid)  # type: ignore[no-any-return]
         states = [s]
         for a_t in a.unbind(0):
             s = self._advance(a_t, s, matrix)  # [B, c + h]

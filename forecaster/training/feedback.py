@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 
 from forecaster.errors import ModelError
 from forecaster.losses import to_loss_dtype
-from forecaster.models.base import RecurrentForecaster
+from forecaster.models.base import RecurrentForecaster, script_loop
 
 if TYPE_CHECKING:
     from forecaster.config import FeedbackConfig
@@ -833,17 +832,9 @@ def _scripted_loop(model: RecurrentForecaster) -> Callable[[Tensor, Tensor], Ten
     if cached is not None and cached[0] is model and cached[1] == signature:
         _SCRIPTED.move_to_end(id(model))
         return cached[2]  # type: ignore[return-value]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in torch 2.13
-            scripted = torch.jit.script(_StatesLoop(model))
-    except Exception:  # any scripting failure: the eager loop gives the same states, slower
+    scripted = script_loop(_StatesLoop(model), f"model {model.name!r}")
+    if scripted is None:  # the eager loop gives the same states, slower
         _SCRIPT_FAILED.add(type(model))
-        logger.warning(
-            "model %r: the states loop cannot be scripted; using the eager loop",
-            model.name,
-            exc_info=True,
-        )
         return None
     _SCRIPTED[id(model)] = (model, signature, scripted)
     _SCRIPTED.move_to_end(id(model))
@@ -1118,7 +1109,10 @@ def feedback_gradients(
     re-evaluation on the detached previous states, back-propagated with `δ`. The head reads the
     stored states rather than the re-evaluated ones (equal up to rounding, oracle O13), so the
     batched call's tape never coexists with the head's and can be processed in blocks.
-    Gradients accumulate into `.grad` like `loss.backward()`; the caller zeroes, clips and steps.
+    Steps (a), (c2), (b) and (d) run on `model.feedback_core()`, the units that reach a parameter
+    (all of them but `LinearLags`' register, which the head reads from `x` and `s0` through
+    `window_readout`). Gradients accumulate into `.grad` like `loss.backward()`; the caller
+    zeroes, clips and steps.
 
     Args:
         model: a forecaster with `supports_feedback`.
@@ -1156,17 +1150,26 @@ def feedback_gradients(
             f"{expected[1]} nor [S, S] = {expected[2]}",
             field="d",
         )
-    states, aux = feedback_states(model, x, s0)  # [B, T+1, S], [T, B, C] or None
+    # The units that reach a parameter, as a model of their own (`feedback_core`); the rest
+    # feed only the head, which `window_readout` reads from x and s0.
+    core, units = model.feedback_core(), model.feedback_units
+    if s0 is None:
+        s0 = model.initial_state(x.shape[0], x.device, x.dtype)
+    if isinstance(d, Tensor) and units < width:
+        d = d[:units, :units] if d.shape == expected[2] else d[..., :units]
+    states, aux = feedback_states(core, x, s0[:, :units])  # [B, T+1, F], [T, B, C] or None
     if isinstance(d, PerStepDiagonal):
-        d = per_step_feedback(model, x, states[:, :-1], d.rho_max)  # [B, T, S]
-    s_leaf = states[:, 1:].detach().requires_grad_(True)  # [B, T, S]
-    loss = loss_fn(to_loss_dtype(model.readout(s_leaf)), target, mask)
+        d = per_step_feedback(core, x, states[:, :-1], d.rho_max)  # [B, T, F]
+    s_leaf = states[:, 1:].detach().requires_grad_(True)  # [B, T, F]
+    pred = model.window_readout(s_leaf, x, s0)  # [B, T, H]
+    loss = loss_fn(to_loss_dtype(pred), target, mask)
+    del pred
     loss.backward()
-    direct = s_leaf.grad if s_leaf.grad is not None else torch.zeros_like(s_leaf)  # G [B, T, S]
+    direct = s_leaf.grad if s_leaf.grad is not None else torch.zeros_like(s_leaf)  # G [B, T, F]
     del s_leaf
     delta = corrected_deltas(
-        model, x, states[:, :-1], direct, d, corrections, scan=scan, block_rows=block_rows
-    )  # [B, T, S]
+        core, x, states[:, :-1], direct, d, corrections, scan=scan, block_rows=block_rows
+    )  # [B, T, F]
     del direct
-    batched_cell_backward(model, x, states[:, :-1], delta, block_rows=block_rows, aux=aux)
+    batched_cell_backward(core, x, states[:, :-1], delta, block_rows=block_rows, aux=aux)
     return loss.detach()

@@ -98,7 +98,7 @@ def tbptt_gradients(
         return bptt_gradients(model, x, target, mask, loss_fn, s0=s0)
     states = states_no_grad(model, x, s0)  # [B, T+1, S]
     with torch.no_grad():
-        pred = model.readout(states[:, 1:])  # [B, T, H]
+        pred = model.window_readout(states[:, 1:], x, states[:, 0])  # [B, T, H]
     pred_leaf = to_loss_dtype(pred).requires_grad_(True)
     loss = loss_fn(pred_leaf, target, mask)
     loss.backward(inputs=[pred_leaf])  # only ∂L/∂ŷ: the parameters get theirs per segment
@@ -106,8 +106,8 @@ def tbptt_gradients(
     del pred, pred_leaf
     for start in range(0, steps, truncation):
         stop = min(start + truncation, steps)
-        segment = model.run_states(x[:, start:stop], states[:, start])[:, 1:]  # [B, L, S]
-        segment_pred = model.readout(segment)  # [B, L, H]
+        segment = model.run_states(x[:, start:stop], states[:, start])  # [B, L+1, S]
+        segment_pred = model.window_readout(segment[:, 1:], x[:, start:stop], segment[:, 0])
         segment_pred.backward(pred_grad[:, start:stop].to(segment_pred.dtype))
     return loss.detach()
 

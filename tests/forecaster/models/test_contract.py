@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from forecaster.errors import ModelError
-from forecaster.models.base import RecurrentForecaster
+from forecaster.models.base import RecurrentForecaster, script_loop
 from forecaster.models.registry import _REGISTRY, build, model_names
 
 B, T, D, HID, HORIZON = 3, 7, 4, 5, 2
@@ -186,3 +186,24 @@ def test_state_dict_round_trip_restores_outputs(name: str) -> None:
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(fresh(x), model(x))
     assert fresh.config == model.config  # type: ignore[attr-defined]
+
+
+def _loop_with_varargs(*xs: Tensor) -> Tensor:  # TorchScript takes no variable arguments
+    return xs[0]
+
+
+def _loop(x: Tensor, steps: int) -> Tensor:
+    for _ in range(steps):
+        x = x + 1.0
+    return x
+
+
+def test_script_loop_scripts_or_declines_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A loop TorchScript compiles comes back scripted; one it cannot gives None and a warning
+    naming its owner (the caller runs its eager loop)."""
+    scripted = script_loop(_loop, "Test")
+    assert isinstance(scripted, torch.jit.ScriptFunction)
+    assert torch.equal(scripted(torch.zeros(2), 3), torch.full((2,), 3.0))
+    with caplog.at_level("WARNING", logger="forecaster.models.base"):
+        assert script_loop(_loop_with_varargs, "Other") is None
+    assert "Other: the no-grad loop cannot be scripted" in caplog.text

@@ -7,9 +7,11 @@ import torch
 
 from forecaster.config import FeedbackConfig, parse_config
 from forecaster.errors import ConfigError, ModelError
+from forecaster.losses import ForecastLoss
 from forecaster.models.lagged import LinearLags
 from forecaster.models.registry import build
 from forecaster.training.feedback import estimate_feedback, jacobian_mean_matrix, states_no_grad
+from forecaster.training.gradients import compute_gradients
 
 D, HID, H, K, T = 2, 6, 3, 4, 9
 F64 = torch.float64
@@ -57,6 +59,91 @@ def test_with_the_cell_head_at_zero_the_forecast_is_the_linear_map_of_the_window
     window = x[:, -K:].reshape(5, K * D)  # the last K inputs, oldest first
     expected = window @ lagged.head.weight[:, lagged.cell_head :].T + lagged.head.bias
     assert (lagged.forecast(x) - expected).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["scrn", "mi_gru", "lmn", "gru"])
+def test_the_window_readout_reads_the_register_from_the_inputs(name: str) -> None:
+    """`window_readout` and `forward` (a convolution over `s0`'s register and `x`) equal the
+    plain head on the window's states, with the same parameter gradients; no gradient forms for
+    the register units of the states, the cell units get the head's."""
+    _, lagged = _pair(name)
+    with torch.no_grad():
+        lagged.head.weight.normal_()
+    x = torch.randn(3, T, D, dtype=F64)
+    s0 = torch.randn(3, lagged.state_size, dtype=F64)
+    states = lagged.run_states(x, s0)  # [B, T+1, S]
+    expected = lagged.readout(states[:, 1:])
+    torch.testing.assert_close(
+        lagged.window_readout(states[:, 1:], x, states[:, 0]), expected, atol=1e-12, rtol=0
+    )
+    torch.testing.assert_close(lagged(x, s0), expected, atol=1e-12, rtol=0)
+
+    params = list(lagged.parameters())
+    got = torch.autograd.grad(lagged(x, s0).square().sum(), params)
+    want = torch.autograd.grad(expected.square().sum(), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=0)
+
+    cell = lagged.cell_size
+    leaf = states[:, 1:].detach().requires_grad_(True)
+    lagged.window_readout(leaf, x, s0).square().sum().backward()
+    reference = states[:, 1:].detach().requires_grad_(True)
+    lagged.readout(reference).square().sum().backward()
+    assert leaf.grad is not None
+    assert reference.grad is not None
+    assert torch.count_nonzero(leaf.grad[..., cell:]) == 0
+    assert torch.count_nonzero(reference.grad[..., cell:]) > 0  # the plain head forms them
+    torch.testing.assert_close(leaf.grad[..., :cell], reference.grad[..., :cell])
+
+
+@pytest.mark.parametrize("kind", ["jacobian_mean", "jacobian_matrix"])
+@pytest.mark.parametrize("name", ["scrn", "lmn"])
+def test_the_feedback_step_runs_on_the_wrapped_model_and_never_builds_the_register(
+    name: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`feedback_core` is the wrapped model: with zero weight on the lags the fixed-feedback
+    gradients of the cell and of the cell's head columns are the wrapped model's, the lag columns
+    get `Σ r ℓᵀ` (checked against BPTT, which is exact for the head), and `LinearLags.run_states`
+    (the register) is never called."""
+    plain, lagged = _pair(name)
+    assert lagged.feedback_core() is lagged.inner
+    x = torch.randn(3, T, D, dtype=F64)
+    y = torch.randn(3, T, H, dtype=F64)
+    loss = ForecastLoss()
+    config = FeedbackConfig(kind=kind)  # type: ignore[arg-type]
+    lagged_d = estimate_feedback(lagged, [x], config).d
+    plain_d = estimate_feedback(plain, [x], config).d
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the register was built")
+
+    monkeypatch.setattr(LinearLags, "run_states", refuse)
+    lagged.zero_grad(set_to_none=True)
+    compute_gradients("feedback", lagged, x, y, None, loss, d=lagged_d)
+    monkeypatch.undo()
+    got = {n: p.grad.clone() for n, p in lagged.named_parameters() if p.grad is not None}
+    plain.zero_grad(set_to_none=True)
+    compute_gradients("feedback", plain, x, y, None, loss, d=plain_d)
+    for n, p in plain.named_parameters():
+        if n.startswith("head."):
+            continue
+        assert p.grad is not None
+        torch.testing.assert_close(got[f"inner.{n}"], p.grad, atol=1e-12, rtol=0)
+    features = lagged.cell_head
+    assert plain.head.weight.grad is not None
+    torch.testing.assert_close(got["head.weight"][:, :features], plain.head.weight.grad)
+    lagged.zero_grad(set_to_none=True)
+    compute_gradients("bptt", lagged, x, y, None, loss)
+    assert lagged.head.weight.grad is not None
+    torch.testing.assert_close(got["head.weight"], lagged.head.weight.grad, atol=1e-12, rtol=0)
+
+
+def test_a_window_readout_of_mismatched_states_is_refused() -> None:
+    _, lagged = _pair()
+    x = torch.randn(3, T, D, dtype=F64)
+    states = lagged.run_states(x)
+    with pytest.raises(ModelError, match=r"states: shapes .* do not match a window x"):
+        lagged.window_readout(states[:, 2:], x, states[:, 0])
 
 
 def test_the_matrix_feedback_spends_its_work_on_the_cell_units_only() -> None:

@@ -8,7 +8,8 @@ from torch import Tensor
 from torch_helpers import ScriptedLoop, assert_cell_gradcheck
 
 from forecaster.errors import ModelError
-from forecaster.models.scrn import SCRN, SCRNConfig
+from forecaster.models import scrn as scrn_module
+from forecaster.models.scrn import SCRN, SCRNConfig, _scripted_srn_states
 
 F64 = torch.float64
 BATCH, STEPS, FEATURES, HIDDEN, CONTEXT, HORIZON = 3, 7, 4, 5, 3, 2
@@ -146,6 +147,30 @@ def test_batched_recompute_equals_the_loop(dtype: torch.dtype, tol: float) -> No
         states = model.run_states(x, _state(dtype))
         recomputed = model.recompute_states(x, states[:, :-1])
     torch.testing.assert_close(recomputed, states[:, 1:], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_the_scripted_no_grad_loop_gives_the_autograd_loops_states(activation: str) -> None:
+    """Without autograd `run_states` runs `_srn_states` scripted; same states as the loop that
+    autograd records (O13's loop)."""
+    assert _scripted_srn_states() is not None
+    model, x, s0 = _scrn(activation=activation), _inputs(), _state()
+    recorded = model.run_states(x, s0)
+    assert recorded.requires_grad
+    with torch.no_grad():
+        fast = model.run_states(x, s0)
+    assert not fast.requires_grad
+    torch.testing.assert_close(fast, recorded.detach(), atol=1e-12, rtol=0)
+
+
+def test_without_the_scripted_loop_the_eager_loop_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scrn_module, "_scripted_srn_states", lambda: None)
+    model, x, s0 = _scrn(), _inputs(), _state()
+    with torch.no_grad():
+        eager = model.run_states(x, s0)
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(model.run_states(x, s0), eager, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
