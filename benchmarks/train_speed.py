@@ -24,6 +24,9 @@ malloc_trim and a reset of the kernel's RSS high-water mark (/proc/self/clear_re
 then a second step; reported: VmHWM after it minus VmRSS before it. `--memory-only` re-measures
 the memory columns of an existing train_speed.json and keeps its timings.
 
+Also timed, in the same run: SCRN alone and the shipped ETTh1 model (SCRN + 336 lags) at that
+config's window T = 336, h = 64, BPTT vs the matrix feedback the config trains with.
+
 Writes benchmarks/results/train_speed.json and .md. Run: python benchmarks/train_speed.py
 (`--quick`: T in {336, 720}, h = 64 only).
 """
@@ -70,11 +73,11 @@ CUDA_MEMORY_METHOD = (
 
 
 def make_case(
-    name: str, hidden: int, steps: int, seed: int = 0, device: str = "cpu"
+    name: str, hidden: int, steps: int, seed: int = 0, device: str = "cpu", lags: int = 0
 ) -> dict[str, Any]:
     """Model, the shared batch, the loss and (for feedback-capable models) the fixed feedback."""
     torch.manual_seed(seed)
-    model = build(name, 1, hidden, HORIZON).to(device)
+    model = build(name, 1, hidden, HORIZON, linear_lags=lags).to(device)
     gen = torch.Generator().manual_seed(1234 + steps)  # same data for every model at this T
     x = torch.randn(BATCH, steps, 1, generator=gen).to(device)
     y = torch.randn(BATCH, steps, HORIZON, generator=gen).to(device)
@@ -290,6 +293,43 @@ def time_sizes(
             del cases, variants
 
 
+# SCRN alone and the shipped ETTh1 model (configs/etth1.yaml: SCRN + 336 lags, matrix feedback)
+# at that config's window (T = L = 336) and hidden size.
+SHIPPED = (("scrn", 0), ("scrn", 336))
+SHIPPED_T, SHIPPED_HIDDEN = 336, 64
+
+
+def time_shipped(device: str, rounds: int) -> list[dict[str, Any]]:
+    """BPTT vs the matrix feedback for `SHIPPED`, interleaved like `time_sizes`."""
+    cases = {
+        (name, lags): make_case(name, SHIPPED_HIDDEN, SHIPPED_T, device=device, lags=lags)
+        for name, lags in SHIPPED
+    }
+    variants: dict[str, Callable[[], None]] = {}
+    for (name, lags), case in cases.items():
+        variants[f"{name}+{lags}/bptt"] = step_fn("bptt", case)
+        variants[f"{name}+{lags}/matrix"] = step_fn("feedback", case, "d_matrix")
+    times = interleaved(variants, rounds)
+    out = []
+    for name, lags in SHIPPED:
+        bp, fb = times[f"{name}+{lags}/bptt"], times[f"{name}+{lags}/matrix"]
+        entry = {
+            "model": name if lags == 0 else f"{name}+lin{lags}",
+            "hidden": SHIPPED_HIDDEN,
+            "T": SHIPPED_T,
+            "bptt_s": round(statistics.median(bp), 4),
+            "feedback_matrix_s": round(statistics.median(fb), 4),
+            "speedup_matrix": round(statistics.median(bp) / statistics.median(fb), 3),
+        }
+        print(
+            f"{entry['model']:12s} h={SHIPPED_HIDDEN} T={SHIPPED_T}  bptt {entry['bptt_s']:.3f}  "
+            f"matrix feedback {entry['feedback_matrix_s']:.3f}  x{entry['speedup_matrix']:.2f}",
+            flush=True,
+        )
+        out.append(entry)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="T in {336, 720}, h = 64 only")
@@ -341,6 +381,7 @@ def main() -> None:
     heap = device == "cpu" and args.heap == "training"
     with training_heap() if heap else contextlib.nullcontext():
         time_sizes(entries, device, hiddens, lengths, args.rounds, args.rounds_large)
+        shipped = time_shipped(device, args.rounds)
     timing_s = time.perf_counter() - started
     load_after_timing = [round(v, 2) for v in os.getloadavg()]
     if device == "cuda":
@@ -384,6 +425,7 @@ def main() -> None:
             "total_seconds": round(time.perf_counter() - started, 1),
         },
         "entries": entries,
+        "shipped": shipped,
         "bptt_ratio_1440_over_720": ratios,
         "targets": targets,
     }
@@ -399,6 +441,7 @@ def memory_only(threads: int) -> None:
     entries = old["entries"]
     fill_memory(entries, threads)
     payload = {k: old[k] for k in ("settings", "bptt_ratio_1440_over_720")}
+    payload["shipped"] = old.get("shipped", [])
     payload["settings"]["memory_method"] = MEMORY_METHOD
     payload["settings"]["timing_run"] = {
         "command": old.get("timing_run", {}).get("command", old["command"]),
@@ -492,6 +535,20 @@ def markdown(payload: dict[str, Any]) -> str:
             f" | {e.get('peak_mb_feedback', '–')} | {e.get('peak_ratio', '–')}"
             f" | {e.get('peak_mb_nn_gru', '–')} |"
         )
+    if payload.get("shipped"):
+        lines += [
+            "",
+            "SCRN and the shipped ETTh1 model (`configs/etth1.yaml`: SCRN + 336 lags, matrix "
+            "feedback), same batch and rounds:",
+            "",
+            "| model | h | T | BPTT s | matrix feedback s | speedup |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {e['model']} | {e['hidden']} | {e['T']} | {e['bptt_s']:.3f} "
+            f"| {e['feedback_matrix_s']:.3f} | {e['speedup_matrix']:.2f}x |"
+            for e in payload["shipped"]
+        ]
     lines += [
         "",
         "BPTT step-time ratios (linear in T means 1440/720 ≈ 2, 720/336 ≈ 2.1): "

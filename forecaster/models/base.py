@@ -18,7 +18,9 @@ LSTM: `[h; c]`; LMN: `m`; SCRN: `[s_ctx; h]`), which keeps the time loop, the ON
 the feedback trainer generic. Everything else (`step`, `run_states`, `forward`, `forecast`,
 `recompute_states`, `cell_backward`) is written once here from those three pieces; a model may
 replace `run_states` and `cell_backward` with faster equivalents, and may keep per-step values of
-its forward for its `cell_backward` (`feedback_forward`, LMN).
+its forward for its `cell_backward` (`feedback_forward`, LMN). A model whose state carries units
+that feed only the head (`feedback_units < state_size`) hands the fixed-feedback trainer the
+model of the other units (`feedback_core`, `LinearLags`: the wrapped model).
 
 Export requirements (forecaster/export.py scripts the loop with `torch.jit.script`):
 `project_inputs`, `recur` and `readout` must be TorchScript-compatible (annotated tensor
