@@ -19,11 +19,18 @@ pytestmark = pytest.mark.gpu
 B, T, D, HID, HORIZON = 4, 48, 3, 16, 5
 
 
-@pytest.mark.parametrize("name", ["mi_gru", "lmn", "scrn", "gru"])
+@pytest.mark.parametrize(
+    ("name", "lags"),
+    [("mi_gru", 0), ("lmn", 0), ("scrn", 0), ("gru", 0), ("scrn", 12)],
+    ids=["mi_gru", "lmn", "scrn", "gru", "scrn+lin12"],  # the last: the lag convolution
+)
 @pytest.mark.parametrize("method", ["feedback", "bptt", "tbptt"])
-def test_cuda_gradients_equal_cpu_gradients(name: str, method: str) -> None:
+def test_cuda_gradients_equal_cpu_gradients(name: str, lags: int, method: str) -> None:
     torch.manual_seed(0)
-    cpu_model = build(name, D, HID, HORIZON).double()
+    cpu_model = build(name, D, HID, HORIZON, linear_lags=lags).double()
+    if lags:
+        with torch.no_grad():  # weight on the lags, so their readout's gradient is compared
+            cpu_model.head.weight.normal_(0.0, 0.1)
     if method == "feedback" and not cpu_model.supports_feedback:
         pytest.skip(f"{name} has no feedback path")
     gpu_model = copy.deepcopy(cpu_model).cuda()
