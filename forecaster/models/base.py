@@ -155,9 +155,10 @@ class RecurrentForecaster(nn.Module):
 
     @property
     def feedback_units(self) -> int:
-        """The leading state units whose `δ` can reach a parameter (all of them unless a model
-        carries units that feed only the head, e.g. `LinearLags`' input register)."""
-        return self.state_size
+        """The leading state units whose `δ` can reach a parameter: those of `feedback_core()`
+        (all of them unless a model carries units that feed only the head, e.g. `LinearLags`'
+        input register)."""
+        return self.feedback_core().state_size
 
     @torch.jit.ignore
     def feedback_core(self) -> RecurrentForecaster:

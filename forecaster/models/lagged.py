@@ -79,11 +79,6 @@ class LinearLags(RecurrentForecaster):
         del inner.head  # one head: this model's
         self.inner = inner
 
-    @property
-    def feedback_units(self) -> int:
-        """Units whose `δ` reaches a parameter: the cell's (the register feeds only the head)."""
-        return self.cell_size
-
     @torch.jit.ignore
     def feedback_core(self) -> RecurrentForecaster:
         """The wrapped model: the fixed-feedback trainer differentiates its recurrence alone

@@ -1153,12 +1153,6 @@ def feedback_gradients(
     # The units that reach a parameter, as a model of their own (`feedback_core`); the rest
     # feed only the head, which `window_readout` reads from x and s0.
     core, units = model.feedback_core(), model.feedback_units
-    if core.state_size != units:
-        raise ModelError(
-            f"model {model.name!r}: feedback_core() carries {core.state_size} state units, not "
-            f"feedback_units = {units}",
-            field="model",
-        )
     if s0 is None:
         s0 = model.initial_state(x.shape[0], x.device, x.dtype)
     if isinstance(d, Tensor) and units < width:

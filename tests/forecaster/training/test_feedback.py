@@ -508,22 +508,6 @@ def test_o14_gradient_quality_after_training_on_ar2_seasonal() -> None:
     assert sum(c["jacobian_mean"] for c in results) / len(results) > 0.3, results
 
 
-def test_feedback_refuses_a_core_that_does_not_match_its_units(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`feedback_core()` must carry exactly `feedback_units` units (here: a model that declares
-    head-only units but hands over itself)."""
-    model = _model("mi_gru", {"linear_lags": 4})
-    monkeypatch.setattr(type(model), "feedback_core", lambda self: self)
-    x, y, m = _data()
-    d = torch.zeros(model.state_size, dtype=F64)
-    with pytest.raises(
-        ModelError, match=r"feedback_core\(\) carries 21 state units, not feedback_units = 5"
-    ):
-        feedback_gradients(model, x, y, m, ForecastLoss(), d)
-    assert all(p.grad is None for p in model.parameters())
-
-
 def test_feedback_refuses_a_wrong_d_before_touching_any_gradient() -> None:
     model = _model("mi_gru", {})
     x, y, m = _data()
