@@ -165,7 +165,8 @@ class RecurrentForecaster(nn.Module):
         """The model whose state is this one's first `feedback_units` units, with the same
         recurrence there: the fixed-feedback trainer runs its no-grad forward, re-evaluation and
         Jacobian products on it, and `window_readout` reads its states. This model itself unless
-        it carries units that feed only the head (`LinearLags`: the wrapped model)."""
+        it carries units that feed only the head (`LinearLags`: the wrapped model, whose own
+        head is gone: callers pass its initial state rather than ask it for one)."""
         return self
 
     # ---- written once from the three pieces -------------------------------------------------

@@ -504,6 +504,7 @@ def jacobian_profile(
         ModelError: no batch, or batches of different window lengths.
     """
     reference = model.head.weight
+    core, units = model.feedback_core(), model.feedback_units  # the rest: zero diagonal
     total: Tensor | None = None
     count = 0
     for index, batch in enumerate(batches):
@@ -517,14 +518,17 @@ def jacobian_profile(
                 field="batches",
             )
         with torch.no_grad():
-            s_prev = states_no_grad(model, x)[:, :-1]  # [B, T, S]
-        diagonal = jacobian_diagonal(model, x, s_prev).to(torch.float64).sum(dim=0)  # [T, S]
+            s0 = x.new_zeros(x.shape[0], units)
+            s_prev = states_no_grad(core, x, s0)[:, :-1]  # [B, T, F]
+        diagonal = jacobian_diagonal(core, x, s_prev).to(torch.float64).sum(dim=0)  # [T, F]
         total = diagonal if total is None else total + diagonal
         count += x.shape[0]
     if total is None or count == 0:
         raise ModelError(
             "batches: no input window to estimate the Jacobian diagonal from", field="batches"
         )
+    if units < model.state_size:
+        total = torch.cat([total, total.new_zeros(total.shape[0], model.state_size - units)], 1)
     return total / count
 
 
@@ -553,6 +557,9 @@ def jacobian_mean_matrix(
     """
     reference = model.head.weight
     width = model.state_size
+    # The units that reach a parameter, as their own model; the rest feed only the head: their
+    # rows and columns stay 0.
+    core, units = model.feedback_core(), model.feedback_units
     inputs: list[Tensor] = []
     previous: list[Tensor] = []
     for index, batch in enumerate(batches):
@@ -560,25 +567,24 @@ def jacobian_mean_matrix(
             break
         x = _batch_inputs(batch).to(device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
-            s_prev = states_no_grad(model, x)[:, :-1]  # [B, T, S]
-            a = model.project_inputs(x)  # [B, T, P]
+            s_prev = states_no_grad(core, x, x.new_zeros(x.shape[0], units))[:, :-1]  # [B, T, F]
+            a = core.project_inputs(x)  # [B, T, P]
         inputs.append(a.reshape(-1, a.shape[-1]))
-        previous.append(s_prev.reshape(-1, width))
+        previous.append(s_prev.reshape(-1, units))
     if not inputs:
         raise ModelError(
             "batches: no input window to estimate the Jacobian matrix from", field="batches"
         )
-    a, s = torch.cat(inputs), torch.cat(previous)  # [N, P], [N, S]
+    a, s = torch.cat(inputs), torch.cat(previous)  # [N, P], [N, F]
     pick = torch.linspace(0, s.shape[0] - 1, min(max_rows, s.shape[0]), device=s.device)
     pick = pick.round().long().unique()
     a, s = a[pick], s[pick]
-    units = model.feedback_units  # the rest feed only the head: their rows and columns stay 0
     total = torch.zeros(width, width, dtype=torch.float64, device=s.device)
     with torch.enable_grad():
-        lead = s[:, :units].detach().requires_grad_(True)  # [N, w]
-        out = model.recur(a, torch.cat([lead, s[:, units:]], dim=-1))[:, :units].sum(dim=0)
+        lead = s.detach().requires_grad_(True)  # [N, F]
+        out = core.recur(a, lead).sum(dim=0)  # [F]
         for i in range(units):
-            (row,) = torch.autograd.grad(out[i], lead, retain_graph=i < units - 1)  # [N, w]
+            (row,) = torch.autograd.grad(out[i], lead, retain_graph=i < units - 1)  # [N, F]
             total[i, :units] = row.sum(dim=0).to(torch.float64)
     return total / s.shape[0]
 
