@@ -201,6 +201,7 @@ def model_label(label: str) -> str:
 
 # Method-label suffixes -> train.feedback.kind (the plain `feedback` is `jacobian_mean`).
 FEEDBACK_VARIANTS = {"-matrix": "jacobian_matrix", "-step": "per_step_diag"}
+NO_RECHECK = "+norecheck"
 
 
 def split_method(label: str) -> tuple[str, dict[str, Any]]:
@@ -208,12 +209,17 @@ def split_method(label: str) -> tuple[str, dict[str, Any]]:
 
     `feedback-matrix+c2` -> (`feedback`, {kind: jacobian_matrix, corrections: 2}): the
     non-diagonal mean-Jacobian feedback with 2 Jacobian correction sweeps; `feedback-step`: the
-    per-step diagonal ablation (kind `per_step_diag`).
+    per-step diagonal ablation (kind `per_step_diag`). A trailing `+norecheck` turns off the
+    gate's gradient-agreement rechecks (`recheck_every: 0`), so a run that passes the gate
+    before epoch 1 trains with feedback to the end: the ablation of the switch to BPTT.
     """
     if not label.startswith("feedback"):
         return label, {}
     rest = label.removeprefix("feedback")
     feedback: dict[str, Any] = {}
+    if rest.endswith(NO_RECHECK):
+        feedback["recheck_every"] = 0
+        rest = rest.removesuffix(NO_RECHECK)
     for variant, kind in FEEDBACK_VARIANTS.items():
         if rest.startswith(variant):
             feedback["kind"] = kind
@@ -225,8 +231,8 @@ def split_method(label: str) -> tuple[str, dict[str, Any]]:
 
 
 def method_label(label: str) -> str:
-    """argparse type of `--methods`: `bptt`, or `feedback[-matrix|-step][+cK]` (K ≥ 1)."""
-    rest = label.removeprefix("feedback")
+    """argparse type of `--methods`: `bptt`, or `feedback[-matrix|-step][+cK][+norecheck]`."""
+    rest = label.removeprefix("feedback").removesuffix(NO_RECHECK)
     variant = next((v for v in FEEDBACK_VARIANTS if rest.startswith(v)), "")
     rest = rest.removeprefix(variant)
     suffix = rest.removeprefix("+c")
@@ -236,7 +242,8 @@ def method_label(label: str) -> str:
     ):
         return label
     raise argparse.ArgumentTypeError(
-        f"{label!r} is not 'bptt' or 'feedback[-matrix|-step][+cK]' (K a positive integer)"
+        f"{label!r} is not 'bptt' or 'feedback[-matrix|-step][+cK][+norecheck]' "
+        "(K a positive integer)"
     )
 
 
@@ -487,9 +494,9 @@ def main() -> None:
         nargs="+",
         default=["feedback", "bptt"],
         type=method_label,
-        help="bptt, or feedback[-matrix|-step][+cK]: the diagonal (or -matrix: mean-Jacobian "
-        "matrix) fixed feedback, or -step: the per-step diagonal ablation; with K Jacobian "
-        "correction sweeps",
+        help="bptt, or feedback[-matrix|-step][+cK][+norecheck]: the diagonal (or -matrix: "
+        "mean-Jacobian matrix) fixed feedback, or -step: the per-step diagonal ablation; with K "
+        "Jacobian correction sweeps; +norecheck: no gradient-agreement rechecks after epoch 1",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
