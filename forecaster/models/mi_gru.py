@@ -10,11 +10,17 @@ Each gate's pre-activation `α⊙aˣ⊙aʰ + β1⊙aʰ + β2⊙aˣ` is computed 
 `A = α⊙aˣ + β1` and `C = β2⊙aˣ`. A and C depend on the input only, so `project_inputs` computes
 them for all steps in one matmul and each step is one `[h, 3h]` matmul plus element-wise work
 (ALGORITHMS.md §5.3, §7).
+
+For fixed-feedback training the no-grad forward keeps `U h_{t−1} + b_h` and the gates of every
+step (`feedback_forward`), and `cell_backward` differentiates the step in closed form from them:
+no re-evaluation of the cell over the `B·T` rows.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,7 +28,58 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from forecaster.models.base import RecurrentForecaster
+from forecaster.models.base import RecurrentForecaster, script_loop
+
+_LOOP_BLOCK = 32  # steps whose input projections `feedback_forward` computes at once
+
+
+def _kept_states(
+    x: Tensor,
+    s0: Tensor,
+    w_proj: Tensor,
+    b_proj: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor,
+    block: int,
+) -> tuple[Tensor, Tensor]:
+    """The MI-GRU recurrence without autograd, keeping what `MiGRU.cell_backward` reads:
+    `x [B, T, d], s0 [B, h]` and the `project` weights `[6h, d], [6h]` -> (`h [B, T+1, h]`
+    (a view of time-major storage), `aux [T, B, 6h]` = `[u; r; z; n]` per step, with
+    `u = U h_{t−1} + b_h`). Per step one `addmm` into `u` and element-wise work written into
+    the gates' slots (the same arithmetic as `MiGRUCell.forward`)."""
+    xt = x.transpose(0, 1).contiguous()  # [T, B, d]
+    steps, batch, hidden = xt.size(0), xt.size(1), s0.size(1)
+    states = torch.empty(steps + 1, batch, hidden, dtype=x.dtype, device=x.device)
+    aux = torch.empty(steps, batch, 6 * hidden, dtype=x.dtype, device=x.device)
+    states[0] = s0
+    w_hh_t = w_hh.t()
+    # Views of aux's slots, taken once (fewer ops per step): u, r and z together, r, z, n.
+    kept_u, kept_rz = aux[:, :, : 3 * hidden], aux[:, :, 3 * hidden : 5 * hidden]
+    kept_r, kept_z = aux[:, :, 3 * hidden : 4 * hidden], aux[:, :, 4 * hidden : 5 * hidden]
+    kept_n = aux[:, :, 5 * hidden :]
+    h = s0
+    for start in range(0, steps, block):
+        a = F.linear(xt[start : start + block], w_proj, b_proj)  # [L, B, 6h] = [A; C]
+        gain, offset_rz, offset_n = (
+            a[:, :, : 3 * hidden],
+            a[:, :, 3 * hidden : 5 * hidden],
+            a[:, :, 5 * hidden :],
+        )
+        for i in range(a.size(0)):
+            t = start + i
+            u = torch.addmm(b_hh, h, w_hh_t, out=kept_u[t])  # [B, 3h]
+            q = gain[i] * u  # [B, 3h] = A ⊙ u
+            torch.add(q[:, : 2 * hidden], offset_rz[i], out=kept_rz[t]).sigmoid_()  # r, z
+            n = torch.addcmul(offset_n[i], kept_r[t], q[:, 2 * hidden :], out=kept_n[t]).tanh_()
+            h = torch.addcmul(n, kept_z[t], h - n, out=states[t + 1])  # (1 − z) ⊙ n + z ⊙ h
+    return states.transpose(0, 1), aux
+
+
+@functools.cache
+def _scripted_kept_states() -> Callable[..., tuple[Tensor, Tensor]] | None:
+    """`_kept_states` scripted once per process (None if that fails: the generic scripted loop
+    gives the same states and `cell_backward` recomputes the gates)."""
+    return script_loop(_kept_states, "MI-GRU")
 
 
 @dataclass(frozen=True)
@@ -69,17 +126,23 @@ class MiGRUCell(nn.Module):
         nn.init.ones_(self.beta1)
         nn.init.ones_(self.beta2)
 
+    def projection(self) -> tuple[Tensor, Tensor]:
+        """The affine map of `project`: weight `[diag(α) W; diag(β2) W] [6h, d]` and bias
+        `[α⊙b_i + β1; β2⊙b_i] [6h]`."""
+        weight = torch.cat(
+            [self.alpha.unsqueeze(1) * self.weight_ih, self.beta2.unsqueeze(1) * self.weight_ih]
+        )  # [6h, d]
+        bias = torch.cat([self.alpha * self.bias_ih + self.beta1, self.beta2 * self.bias_ih])
+        return weight, bias
+
     def project(self, x: Tensor) -> Tensor:
         """Input-side terms `[A; C]` of the three gates in one matmul: `[..., d] -> [..., 6h]`.
 
         `A = α⊙(W x + b_i) + β1` and `C = β2⊙(W x + b_i)` are one affine map of `x`, so the
         weights `[diag(α) W; diag(β2) W]` and bias `[α⊙b_i + β1; β2⊙b_i]` are formed first
-        (constants after export) and applied once.
+        (constants after export, `projection`) and applied once.
         """
-        weight = torch.cat(
-            [self.alpha.unsqueeze(1) * self.weight_ih, self.beta2.unsqueeze(1) * self.weight_ih]
-        )  # [6h, d]
-        bias = torch.cat([self.alpha * self.bias_ih + self.beta1, self.beta2 * self.bias_ih])
+        weight, bias = self.projection()
         return F.linear(x, weight, bias)  # [..., 6h]
 
     def forward(self, a_t: Tensor, h: Tensor) -> Tensor:
@@ -135,3 +198,74 @@ class MiGRU(RecurrentForecaster):
         dr = r * (1 - r) * gain_r * u_diag[0]  # [..., h]: ∂r_i/∂h_i
         dn = (1 - n * n) * gain_n * (dr * u[..., 2 * hs :] + r * u_diag[2])  # ∂n_i/∂h_i
         return z + (s_prev - n) * dz + (1 - z) * dn  # [..., h]
+
+    def feedback_forward(self, x: Tensor, s0: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The no-grad forward of fixed-feedback training, keeping `u = U h_{t−1} + b_h` and the
+        gates `r, z, n` of every step for `cell_backward`: `x [B, T, d], s0 [B, h] ->
+        (states [B, T+1, h], aux [T, B, 6h])`. One scripted loop (`_kept_states`); None (the
+        generic path) when it cannot be scripted."""
+        loop = _scripted_kept_states()
+        if loop is None:
+            return None
+        cell = self.cell
+        with torch.no_grad():
+            weight, bias = cell.projection()
+            return loop(x, s0, weight, bias, cell.weight_hh, cell.bias_hh, _LOOP_BLOCK)  # type: ignore[no-any-return]
+
+    @torch.jit.ignore
+    def cell_backward(
+        self, x: Tensor, s_prev: Tensor, delta: Tensor, aux: Tensor | None = None
+    ) -> None:
+        """`RecurrentForecaster.cell_backward` in closed form from the kept `aux` rows
+        `[u; r; z; n] [R, 6h]` (ALGORITHMS.md §1.2 differentiated): with `δ = dL/dh_t`,
+        `p = W x + b_i`, `A = α⊙p + β1`,
+        `dz = δ⊙(h − n)`, `dn̂ = δ⊙(1 − z)⊙(1 − n²)`, `dr = dn̂⊙A_n⊙u_n`,
+        `g = [dr⊙r(1−r), dz⊙z(1−z), dn̂]` (the pre-activations' gradients, `= dC`),
+        `dq = [g_r, g_z, g_n⊙r]`, `dA = dq⊙u`, `du = dq⊙A`;
+        `dU = duᵀ h`, `db_h = Σ du`, `dα = Σ dA⊙p`, `dβ1 = Σ dA`, `dβ2 = Σ g⊙p`,
+        `dp = dA⊙α + g⊙β2`, `dW = dpᵀ x`, `db_i = Σ dp`.
+        No re-evaluation of the step: the gates and `U h` come from the forward. Without `aux`,
+        under autocast or with a frozen parameter, the autograd default runs.
+        """
+        cell, hidden = self.cell, self.hidden_size
+        params = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        params += (cell.alpha, cell.beta1, cell.beta2)
+        if (
+            aux is None
+            or torch.is_autocast_enabled(x.device.type)
+            or not all(p.requires_grad for p in params)
+        ):
+            super().cell_backward(x, s_prev, delta, aux)
+            return
+        with torch.no_grad():
+            s_prev = s_prev.to(cell.weight_hh.dtype)
+            delta = delta.to(s_prev.dtype)
+            aux = aux.to(s_prev.dtype)
+            u, gates = aux[:, : 3 * hidden], aux[:, 3 * hidden :]  # [R, 3h] each
+            r, z, n = gates[:, :hidden], gates[:, hidden : 2 * hidden], gates[:, 2 * hidden :]
+            p = F.linear(x.to(s_prev.dtype), cell.weight_ih, cell.bias_ih)  # [R, 3h]
+            gain = torch.addcmul(cell.beta1, cell.alpha, p)  # [R, 3h] = A
+            g = torch.empty_like(u)  # [R, 3h]: gradients of the three pre-activations
+            g_r, g_z, g_n = g[:, :hidden], g[:, hidden : 2 * hidden], g[:, 2 * hidden :]
+            torch.mul(delta - delta * z, 1 - n * n, out=g_n)  # dn̂
+            torch.mul(g_n * gain[:, 2 * hidden :] * u[:, 2 * hidden :], r - r * r, out=g_r)
+            torch.mul(delta * (s_prev - n), z - z * z, out=g_z)
+            dq = g.clone()
+            dq[:, 2 * hidden :].mul_(r)
+            grad_gain = dq * u  # [R, 3h] = dA
+            du = dq.mul_(gain)  # [R, 3h]
+            dp = torch.addcmul(grad_gain * cell.alpha, g, cell.beta2)  # [R, 3h]
+            grads = (
+                dp.t() @ x.to(s_prev.dtype),
+                du.t() @ s_prev,
+                dp.sum(0),
+                du.sum(0),
+                (grad_gain * p).sum(0),
+                grad_gain.sum(0),
+                (g * p).sum(0),
+            )
+        for param, grad in zip(params, grads, strict=True):
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)

@@ -7,6 +7,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from forecaster.models import mi_gru as mi_gru_module
+from forecaster.models.base import RecurrentForecaster
 from forecaster.models.mi_gru import MiGRU, MiGRUCell, MiGRUConfig
 
 B, T, D, HID, HORIZON = 3, 7, 4, 5, 2
@@ -187,3 +189,42 @@ def test_mi_init_mi_differs_from_gru_on_same_weights() -> None:
         mi_start.cell.alpha.fill_(1.0)
     x = torch.randn(B, T, D, dtype=torch.float64)
     assert (gru_start(x) - mi_start(x)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("steps", [1, T, 70])  # 70: more than one block of projected steps
+def test_feedback_forward_keeps_u_and_the_gates(steps: int) -> None:
+    """`feedback_forward`: the generic loop's states, and per step `[u; r; z; n]` with
+    `u = U h_{t−1} + b_h` and the gates of the literal equations, time-major."""
+    torch.manual_seed(0)
+    model = MiGRU(MiGRUConfig(hidden_size=HID, mi_init="mi"), D, HORIZON).to(torch.float64)
+    with torch.no_grad():
+        model.cell.alpha.uniform_(-1.0, 1.0)
+        model.cell.beta2.uniform_(0.5, 1.5)
+    x = torch.randn(B, steps, D, dtype=torch.float64)
+    s0 = torch.randn(B, HID, dtype=torch.float64)
+    kept = model.feedback_forward(x, s0)
+    assert kept is not None
+    states, aux = kept
+    cell = model.cell
+    with torch.no_grad():
+        reference = RecurrentForecaster.run_states(model, x, s0)  # [B, T+1, h]
+        h_prev = reference[:, :-1].transpose(0, 1)  # [T, B, h]
+        u = F.linear(h_prev, cell.weight_hh, cell.bias_hh)  # [T, B, 3h]
+        a_x = F.linear(x.transpose(0, 1), cell.weight_ih, cell.bias_ih)  # [T, B, 3h]
+        pre = cell.alpha * a_x * u + cell.beta1 * u  # reset applied to U's part of n below
+        r = torch.sigmoid(pre[..., :HID] + (cell.beta2 * a_x)[..., :HID])
+        z = torch.sigmoid(pre[..., HID : 2 * HID] + (cell.beta2 * a_x)[..., HID : 2 * HID])
+        n = torch.tanh(r * pre[..., 2 * HID :] + (cell.beta2 * a_x)[..., 2 * HID :])
+    torch.testing.assert_close(states, reference, atol=1e-12, rtol=0)
+    assert aux.shape == (steps, B, 6 * HID)
+    torch.testing.assert_close(aux, torch.cat([u, r, z, n], dim=-1), atol=1e-12, rtol=0)
+
+
+def test_without_the_scripted_loop_feedback_forward_declines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the kept-values loop cannot be scripted, `feedback_forward` returns None: the
+    trainer then runs the generic loop and the autograd cell backward."""
+    monkeypatch.setattr(mi_gru_module, "_scripted_kept_states", lambda: None)
+    model = MiGRU(MiGRUConfig(hidden_size=HID), D, HORIZON)
+    assert model.feedback_forward(torch.randn(B, T, D), torch.zeros(B, HID)) is None

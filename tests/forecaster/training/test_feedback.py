@@ -72,10 +72,11 @@ def _model(name: str, params: dict[str, object], seed: int = 0) -> RecurrentFore
     torch.manual_seed(seed)
     model = build(name, D, HID, HORIZON, **params).to(F64)
     if name == "mi_gru" and params.get("mi_init") == "mi":
+        cell = model.feedback_core().cell  # the MI-GRU's, also inside a linear-lags wrapper
         with torch.no_grad():  # random MI gates, away from both special cases
-            model.cell.alpha.uniform_(-1.0, 1.0)
-            model.cell.beta1.uniform_(0.5, 1.5)
-            model.cell.beta2.uniform_(0.5, 1.5)
+            cell.alpha.uniform_(-1.0, 1.0)
+            cell.beta1.uniform_(0.5, 1.5)
+            cell.beta2.uniform_(0.5, 1.5)
     return model
 
 
@@ -768,6 +769,89 @@ def test_matrix_feedback_follows_bptt_better_than_the_diagonal_on_an_lmn() -> No
     cosines = _cosines(model, x, y, m, feedbacks)
     assert cosines["jacobian_matrix"] > cosines["jacobian_mean"], cosines
     assert cosines["jacobian_matrix"] >= 0.9, cosines
+
+
+# MI-GRU at the GRU point and with random MI gates, and wrapped with a linear readout.
+MI_GRU_VARIANTS = pytest.mark.parametrize(
+    "params",
+    [{"mi_init": "gru"}, {"mi_init": "mi"}, {"mi_init": "mi", "linear_lags": 3}],
+    ids=["gru-init", "mi-init", "lagged"],
+)
+
+
+def _kept_rows(model: RecurrentForecaster) -> tuple[RecurrentForecaster, tuple[Tensor, ...]]:
+    """The feedback core and rows `x, s_prev, δ, aux` of a window, `aux` from its forward."""
+    core = model.feedback_core()
+    x, _, _ = _data()
+    s0 = torch.randn(B, core.state_size, dtype=F64)
+    states, aux = feedback_states(core, x, s0)
+    assert aux is not None
+    rows = x.transpose(0, 1).reshape(-1, D)  # time-major rows, as batched_cell_backward
+    s_prev = states[:, :-1].transpose(0, 1).reshape(-1, core.state_size)
+    delta = torch.randn_like(s_prev)
+    return core, (rows, s_prev, delta, aux.reshape(-1, aux.shape[-1]))
+
+
+@MI_GRU_VARIANTS
+def test_mi_gru_closed_form_cell_backward_equals_autograd(params: dict[str, object]) -> None:
+    """MI-GRU's hand-written `cell_backward`, reading `u` and the gates kept by its forward,
+    gives the autograd default's gradients, adds to gradients already there, reads `aux`
+    (changing it changes the result), and falls back to autograd without `aux` or when a
+    parameter is frozen."""
+    model = _model("mi_gru", params)
+    core, (rows, s_prev, delta, aux) = _kept_rows(model)
+    assert type(core).cell_backward is not RecurrentForecaster.cell_backward
+
+    core.zero_grad(set_to_none=True)
+    RecurrentForecaster.cell_backward(core, rows, s_prev, delta)
+    reference = parameter_grads(core)
+    core.zero_grad(set_to_none=True)
+    core.cell_backward(rows, s_prev, delta, aux)
+    closed = parameter_grads(core)
+    assert closed.keys() == reference.keys()
+    assert max_grad_diff(closed, reference) <= 1e-12
+    core.cell_backward(rows, s_prev, delta, aux)  # accumulates, as backward() does
+    twice = {k: 2 * v for k, v in reference.items()}
+    assert max_grad_diff(parameter_grads(core), twice) <= 1e-12
+
+    core.zero_grad(set_to_none=True)
+    core.cell_backward(rows, s_prev, delta, aux * 0.5)
+    assert max_grad_diff(parameter_grads(core), reference) > 1e-3  # aux is read
+
+    core.zero_grad(set_to_none=True)
+    core.cell_backward(rows, s_prev, delta)  # no aux: the autograd default
+    assert max_grad_diff(parameter_grads(core), reference) <= 1e-12
+
+    name, frozen = next((n, p) for n, p in core.named_parameters() if n.endswith("beta2"))
+    frozen.requires_grad_(False)
+    core.zero_grad(set_to_none=True)
+    core.cell_backward(rows, s_prev, delta, aux)
+    assert frozen.grad is None
+    partial = {k: v for k, v in parameter_grads(core).items() if k != name}
+    assert max_grad_diff(partial, {k: reference[k] for k in partial}) <= 1e-12
+
+
+@MI_GRU_VARIANTS
+def test_mi_gru_feedback_with_kept_values_equals_the_generic_path(
+    params: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixed-feedback gradient with MI-GRU's `feedback_forward` (kept `u`, gates) equals the
+    generic path's (scripted `states_no_grad`, autograd re-evaluation), diagonal and matrix."""
+    model = _model("mi_gru", params)
+    x, y, m = _data()
+    feedbacks = [
+        estimate_feedback(model, [x], FeedbackConfig(kind=kind)).d
+        for kind in ("jacobian_mean", "jacobian_matrix")
+    ]
+    kept = [_feedback(model, x, y, m, d) for d in feedbacks]
+    monkeypatch.setattr(type(model.feedback_core()), "feedback_forward", lambda self, x, s0: None)
+    core = model.feedback_core()
+    assert feedback_states(core, x, torch.zeros(B, core.state_size, dtype=F64))[1] is None
+    for (loss, grads), d in zip(kept, feedbacks, strict=True):
+        generic_loss, generic = _feedback(model, x, y, m, d)
+        assert abs(float(loss) - float(generic_loss)) <= 1e-12
+        assert grads.keys() == generic.keys()
+        assert max_grad_diff(grads, generic) <= 1e-12
 
 
 # LMN with either activation, and wrapped with a linear readout of its inputs.
