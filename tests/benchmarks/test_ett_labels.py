@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "ett.py"
-
-
-def _load_ett():  # benchmarks/ is a folder of scripts, not a package: load the module by path
-    spec = importlib.util.spec_from_file_location("benchmarks_ett", _PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ett = _load_ett()
+ett = load_benchmark("ett")
 
 
 @pytest.mark.parametrize(

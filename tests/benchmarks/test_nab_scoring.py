@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "nab.py"
-
-
-def _load_nab():  # benchmarks/ is a folder of scripts, not a package: load the module by path
-    spec = importlib.util.spec_from_file_location("benchmarks_nab", _PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-nab = _load_nab()
+nab = load_benchmark("nab")
 STANDARD = nab.PROFILES["standard"]
 N_ROWS = 1000  # probationary period: 150 rows
 WINDOWS = [(300, 349), (600, 699)]
