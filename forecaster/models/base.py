@@ -253,6 +253,24 @@ class RecurrentForecaster(nn.Module):
         s_hat = self.recur(self.project_inputs(x), s_prev)  # [R, S]
         s_hat.backward(delta.to(s_hat.dtype))
 
+    @torch.jit.ignore
+    def state_vjp(self, x: Tensor, s_prev: Tensor, v: Tensor, aux: Tensor | None = None) -> Tensor:
+        """`J_tᵀ v_t` for rows `x [R, d]`, `s_prev [R, S]`, `v [R, S]` -> `[R, S]`, with
+        `J_t = ∂ recur(project_inputs(x_t), s_{t−1}) / ∂s_{t−1}`: one block of the Jacobian
+        correction sweeps (`state_vector_jacobian`); the parameters' `.grad` are left untouched.
+        `aux [R, C]`: as `cell_backward`.
+
+        This default re-evaluates the rows with autograd (ignoring `aux`); a model may replace it
+        with a closed form giving the same products (MI-GRU: from its kept gates).
+        """
+        with torch.no_grad():
+            a = self.project_inputs(x)  # [R, P]
+        with torch.enable_grad():
+            s_in = s_prev.detach().requires_grad_(True)  # [R, S]
+            s_hat = self.recur(a, s_in)  # [R, S]
+            (product,) = torch.autograd.grad(s_hat, s_in, v.to(s_hat.dtype))
+        return product
+
     def _check_input(self, x: Tensor, s0: Tensor | None) -> None:
         if x.dim() != 3 or x.size(-1) != self.input_size:
             raise ModelError(

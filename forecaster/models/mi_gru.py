@@ -212,22 +212,43 @@ class MiGRU(RecurrentForecaster):
             weight, bias = cell.projection()
             return loop(x, s0, weight, bias, cell.weight_hh, cell.bias_hh, _LOOP_BLOCK)  # type: ignore[no-any-return]
 
+    def _kept_backward(
+        self, x: Tensor, s_prev: Tensor, delta: Tensor, aux: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The step's backward from the kept `aux` rows `[u; r; z; n] [R, 6h]` (ALGORITHMS.md
+        §1.2 differentiated), no re-evaluation: with `δ = dL/dh_t`, `p = W x + b_i`,
+        `A = α⊙p + β1`, `dz = δ⊙(h − n)`, `dn̂ = δ⊙(1 − z)⊙(1 − n²)`, `dr = dn̂⊙A_n⊙u_n`, the
+        pre-activations' gradients `g = [dr⊙r(1−r), dz⊙z(1−z), dn̂]` (`= dC`),
+        `dq = [g_r, g_z, g_n⊙r]`, `dA = dq⊙u` and `du = dq⊙A`.
+        Returns `(p, g, dA, du)`, each `[R, 3h]`, in `s_prev`'s dtype."""
+        cell, hidden = self.cell, self.hidden_size
+        dtype = s_prev.dtype
+        delta, aux = delta.to(dtype), aux.to(dtype)
+        u, gates = aux[:, : 3 * hidden], aux[:, 3 * hidden :]  # [R, 3h] each
+        r, z, n = gates[:, :hidden], gates[:, hidden : 2 * hidden], gates[:, 2 * hidden :]
+        p = F.linear(x.to(dtype), cell.weight_ih, cell.bias_ih)  # [R, 3h]
+        gain = torch.addcmul(cell.beta1, cell.alpha, p)  # [R, 3h] = A
+        g = torch.empty_like(u)  # [R, 3h]
+        g_r, g_z, g_n = g[:, :hidden], g[:, hidden : 2 * hidden], g[:, 2 * hidden :]
+        torch.mul(delta - delta * z, 1 - n * n, out=g_n)  # dn̂
+        torch.mul(g_n * gain[:, 2 * hidden :] * u[:, 2 * hidden :], r - r * r, out=g_r)
+        torch.mul(delta * (s_prev - n), z - z * z, out=g_z)
+        dq = g.clone()
+        dq[:, 2 * hidden :].mul_(r)
+        grad_gain = dq * u  # [R, 3h] = dA
+        return p, g, grad_gain, dq.mul_(gain)
+
     @torch.jit.ignore
     def cell_backward(
         self, x: Tensor, s_prev: Tensor, delta: Tensor, aux: Tensor | None = None
     ) -> None:
         """`RecurrentForecaster.cell_backward` in closed form from the kept `aux` rows
-        `[u; r; z; n] [R, 6h]` (ALGORITHMS.md §1.2 differentiated): with `δ = dL/dh_t`,
-        `p = W x + b_i`, `A = α⊙p + β1`,
-        `dz = δ⊙(h − n)`, `dn̂ = δ⊙(1 − z)⊙(1 − n²)`, `dr = dn̂⊙A_n⊙u_n`,
-        `g = [dr⊙r(1−r), dz⊙z(1−z), dn̂]` (the pre-activations' gradients, `= dC`),
-        `dq = [g_r, g_z, g_n⊙r]`, `dA = dq⊙u`, `du = dq⊙A`;
-        `dU = duᵀ h`, `db_h = Σ du`, `dα = Σ dA⊙p`, `dβ1 = Σ dA`, `dβ2 = Σ g⊙p`,
-        `dp = dA⊙α + g⊙β2`, `dW = dpᵀ x`, `db_i = Σ dp`.
+        (`_kept_backward`): `dU = duᵀ h`, `db_h = Σ du`, `dα = Σ dA⊙p`, `dβ1 = Σ dA`,
+        `dβ2 = Σ g⊙p`, `dp = dA⊙α + g⊙β2`, `dW = dpᵀ x`, `db_i = Σ dp`.
         No re-evaluation of the step: the gates and `U h` come from the forward. Without `aux`,
         under autocast or with a frozen parameter, the autograd default runs.
         """
-        cell, hidden = self.cell, self.hidden_size
+        cell = self.cell
         params = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
         params += (cell.alpha, cell.beta1, cell.beta2)
         if (
@@ -239,21 +260,7 @@ class MiGRU(RecurrentForecaster):
             return
         with torch.no_grad():
             s_prev = s_prev.to(cell.weight_hh.dtype)
-            delta = delta.to(s_prev.dtype)
-            aux = aux.to(s_prev.dtype)
-            u, gates = aux[:, : 3 * hidden], aux[:, 3 * hidden :]  # [R, 3h] each
-            r, z, n = gates[:, :hidden], gates[:, hidden : 2 * hidden], gates[:, 2 * hidden :]
-            p = F.linear(x.to(s_prev.dtype), cell.weight_ih, cell.bias_ih)  # [R, 3h]
-            gain = torch.addcmul(cell.beta1, cell.alpha, p)  # [R, 3h] = A
-            g = torch.empty_like(u)  # [R, 3h]: gradients of the three pre-activations
-            g_r, g_z, g_n = g[:, :hidden], g[:, hidden : 2 * hidden], g[:, 2 * hidden :]
-            torch.mul(delta - delta * z, 1 - n * n, out=g_n)  # dn̂
-            torch.mul(g_n * gain[:, 2 * hidden :] * u[:, 2 * hidden :], r - r * r, out=g_r)
-            torch.mul(delta * (s_prev - n), z - z * z, out=g_z)
-            dq = g.clone()
-            dq[:, 2 * hidden :].mul_(r)
-            grad_gain = dq * u  # [R, 3h] = dA
-            du = dq.mul_(gain)  # [R, 3h]
+            p, g, grad_gain, du = self._kept_backward(x, s_prev, delta, aux)
             dp = torch.addcmul(grad_gain * cell.alpha, g, cell.beta2)  # [R, 3h]
             grads = (
                 dp.t() @ x.to(s_prev.dtype),
@@ -269,3 +276,18 @@ class MiGRU(RecurrentForecaster):
                 param.grad = grad
             else:
                 param.grad.add_(grad)
+
+    @torch.jit.ignore
+    def state_vjp(self, x: Tensor, s_prev: Tensor, v: Tensor, aux: Tensor | None = None) -> Tensor:
+        """`RecurrentForecaster.state_vjp` in closed form from the kept `aux` rows:
+        `J_tᵀ v = v⊙z + du U` (`du` from `_kept_backward` with `δ = v`; `h` reaches `h_t`
+        directly through `z` and through `u = U h + b_h`). Without `aux` or under autocast, the
+        autograd default runs."""
+        if aux is None or torch.is_autocast_enabled(x.device.type):
+            return super().state_vjp(x, s_prev, v, aux)
+        hidden = self.hidden_size
+        with torch.no_grad():
+            s_prev = s_prev.to(self.cell.weight_hh.dtype)
+            du = self._kept_backward(x, s_prev, v, aux)[3]
+            z = aux[:, 4 * hidden : 5 * hidden].to(s_prev.dtype)
+            return torch.addmm(v.to(s_prev.dtype) * z, du, self.cell.weight_hh)  # [R, h]

@@ -944,11 +944,7 @@ def batched_cell_backward(
                 f"{name}: shape {tuple(value.shape)} is not [B, T, S] = {(batch, steps, width)}",
                 field=name,
             )
-    if aux is not None and (aux.dim() != 3 or aux.shape[:2] != (steps, batch)):
-        raise ModelError(
-            f"aux: shape {tuple(aux.shape)} is not [T, B, C] with [T, B] = {[steps, batch]}",
-            field="aux",
-        )
+    _check_aux(aux, x)
     x_tm = x.transpose(0, 1)  # [T, B, d]: time blocks are contiguous slices of time-major data
     s_tm = s_prev.detach().transpose(0, 1)  # [T, B, S]
     d_tm = delta.transpose(0, 1)  # [T, B, S]
@@ -958,6 +954,16 @@ def batched_cell_backward(
             s_tm[steps_block].reshape(-1, width),  # [rows, S]
             d_tm[steps_block].reshape(-1, width),  # [rows, S]
             None if aux is None else aux[steps_block].reshape(-1, aux.shape[-1]),  # [rows, C]
+        )
+
+
+def _check_aux(aux: Tensor | None, x: Tensor) -> None:
+    """`aux` (a model's kept per-step values) is time-major `[T, B, C]` for `x [B, T, d]`."""
+    steps, batch = x.shape[1], x.shape[0]
+    if aux is not None and (aux.dim() != 3 or aux.shape[:2] != (steps, batch)):
+        raise ModelError(
+            f"aux: shape {tuple(aux.shape)} is not [T, B, C] with [T, B] = {[steps, batch]}",
+            field="aux",
         )
 
 
@@ -982,26 +988,27 @@ def state_vector_jacobian(
     v: Tensor,
     *,
     block_rows: int | None = None,
+    aux: Tensor | None = None,
 ) -> Tensor:
     """`u_t = J_tᵀ v_t` at every step, `J_t = ∂s_t/∂s_{t−1}` at `(x_t, s_{t−1})`: `[B, T, S]`.
 
     All steps at once, in the blocks of `batched_cell_backward` (the previous states are known,
-    so the products are independent); the parameters' `.grad` are left untouched.
+    so the products are independent), each by the model's `state_vjp`; `aux`: as
+    `batched_cell_backward`. The parameters' `.grad` are left untouched.
     """
     width = model.state_size
+    _check_aux(aux, x)
     x_tm = x.transpose(0, 1)  # [T, B, d]
     s_tm = s_prev.detach().transpose(0, 1)  # [T, B, S]
     v_tm = v.transpose(0, 1)  # [T, B, S]
     out = torch.empty_like(s_tm)  # [T, B, S]
     for steps_block in _time_blocks(model, x, block_rows):
-        with torch.no_grad():
-            a = model.project_inputs(x_tm[steps_block].reshape(-1, x.shape[-1]))  # [rows, P]
-        with torch.enable_grad():
-            s_in = s_tm[steps_block].reshape(-1, width).requires_grad_(True)  # [rows, S]
-            s_hat = model.recur(a, s_in)  # [rows, S]
-            (u,) = torch.autograd.grad(
-                s_hat, s_in, v_tm[steps_block].reshape(-1, width).to(s_hat.dtype)
-            )
+        u = model.state_vjp(
+            x_tm[steps_block].reshape(-1, x.shape[-1]),  # [rows, d]
+            s_tm[steps_block].reshape(-1, width),  # [rows, S]
+            v_tm[steps_block].reshape(-1, width),  # [rows, S]
+            None if aux is None else aux[steps_block].reshape(-1, aux.shape[-1]),  # [rows, C]
+        )
         out[steps_block] = u.reshape(out[steps_block].shape).to(out.dtype)
     return out.transpose(0, 1)  # [B, T, S]
 
@@ -1023,6 +1030,7 @@ def corrected_deltas(
     *,
     scan: ScanMethod = "chunked",
     block_rows: int | None = None,
+    aux: Tensor | None = None,
 ) -> Tensor:
     """`δ` of the fixed feedback improved by `sweeps` Jacobian corrections (ours, §5.2 [O]).
 
@@ -1050,6 +1058,7 @@ def corrected_deltas(
             or a matrix `M [S, S]` (`reverse_scan_matrix`).
         sweeps: number of corrections (0: the plain fixed-feedback `δ`).
         scan, block_rows: as `feedback_gradients`.
+        aux: the model's kept per-step values (`feedback_forward`), for its `state_vjp`.
     """
     _check_corrections(sweeps)
     matrix = _is_matrix(d, direct)
@@ -1070,7 +1079,7 @@ def corrected_deltas(
 
     delta = scan_with_d(direct)  # [B, T, S]
     for _ in range(sweeps):
-        u = state_vector_jacobian(model, x, s_prev, delta, block_rows=block_rows)  # J_tᵀ δ_t
+        u = state_vector_jacobian(model, x, s_prev, delta, block_rows=block_rows, aux=aux)
         ahead = delta[..., 1:, :]  # δ_{t+1}
         if matrix:
             fixed = torch.zeros_like(ahead)  # Mᵀ δ_{t+1} as rows, M zero beyond `units`
@@ -1174,7 +1183,7 @@ def feedback_gradients(
     direct = s_leaf.grad if s_leaf.grad is not None else torch.zeros_like(s_leaf)  # G [B, T, F]
     del s_leaf
     delta = corrected_deltas(
-        core, x, states[:, :-1], direct, d, corrections, scan=scan, block_rows=block_rows
+        core, x, states[:, :-1], direct, d, corrections, scan=scan, block_rows=block_rows, aux=aux
     )  # [B, T, F]
     del direct
     batched_cell_backward(core, x, states[:, :-1], delta, block_rows=block_rows, aux=aux)

@@ -832,23 +832,41 @@ def test_mi_gru_closed_form_cell_backward_equals_autograd(params: dict[str, obje
 
 
 @MI_GRU_VARIANTS
+def test_mi_gru_closed_form_state_vjp_equals_autograd(params: dict[str, object]) -> None:
+    """MI-GRU's `state_vjp` from the kept values gives the autograd default's `J_tᵀ v`, reads
+    `aux`, leaves `.grad` alone, and without `aux` runs the default."""
+    core, (rows, s_prev, v, aux) = _kept_rows(_model("mi_gru", params))
+    assert type(core).state_vjp is not RecurrentForecaster.state_vjp
+    core.zero_grad(set_to_none=True)
+    reference = RecurrentForecaster.state_vjp(core, rows, s_prev, v)
+    closed = core.state_vjp(rows, s_prev, v, aux)
+    assert closed.shape == s_prev.shape
+    assert (closed - reference).abs().max().item() <= 1e-12
+    assert (core.state_vjp(rows, s_prev, v, aux * 0.5) - reference).abs().max().item() > 1e-3
+    assert (core.state_vjp(rows, s_prev, v) - reference).abs().max().item() <= 1e-12
+    assert all(p.grad is None for p in core.parameters())
+
+
+@MI_GRU_VARIANTS
 def test_mi_gru_feedback_with_kept_values_equals_the_generic_path(
     params: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fixed-feedback gradient with MI-GRU's `feedback_forward` (kept `u`, gates) equals the
-    generic path's (scripted `states_no_grad`, autograd re-evaluation), diagonal and matrix."""
+    generic path's (scripted `states_no_grad`, autograd re-evaluation), diagonal and matrix,
+    with and without Jacobian correction sweeps (closed-form `state_vjp`)."""
     model = _model("mi_gru", params)
     x, y, m = _data()
-    feedbacks = [
-        estimate_feedback(model, [x], FeedbackConfig(kind=kind)).d
+    runs = [
+        (estimate_feedback(model, [x], FeedbackConfig(kind=kind)).d, sweeps)
         for kind in ("jacobian_mean", "jacobian_matrix")
+        for sweeps in (0, 2)
     ]
-    kept = [_feedback(model, x, y, m, d) for d in feedbacks]
+    kept = [_feedback(model, x, y, m, d, corrections=sweeps) for d, sweeps in runs]
     monkeypatch.setattr(type(model.feedback_core()), "feedback_forward", lambda self, x, s0: None)
     core = model.feedback_core()
     assert feedback_states(core, x, torch.zeros(B, core.state_size, dtype=F64))[1] is None
-    for (loss, grads), d in zip(kept, feedbacks, strict=True):
-        generic_loss, generic = _feedback(model, x, y, m, d)
+    for (loss, grads), (d, sweeps) in zip(kept, runs, strict=True):
+        generic_loss, generic = _feedback(model, x, y, m, d, corrections=sweeps)
         assert abs(float(loss) - float(generic_loss)) <= 1e-12
         assert grads.keys() == generic.keys()
         assert max_grad_diff(grads, generic) <= 1e-12
