@@ -337,6 +337,28 @@ class LMN(RecurrentForecaster):
             else:
                 param.grad.add_(grad)
 
+    @torch.jit.ignore
+    def state_vjp(self, x: Tensor, s_prev: Tensor, v: Tensor, aux: Tensor | None = None) -> Tensor:
+        """`RecurrentForecaster.state_vjp` in closed form (ALGORITHMS.md §3.1): with
+        `∂m_t/∂m_{t−1} = W^{mm} + W^{hm} diag(σ') W^{mh}`, `J_tᵀ v = v W^{mm} + dz W^{mh}` for
+        rows, `dz = (v W^{hm}) ⊙ σ'`: the same `dz` as `cell_backward`, from the kept gates
+        `aux` (`σ' = c² u (1 − u)`) or the recomputed slope. Under autocast, the autograd
+        default."""
+        if torch.is_autocast_enabled(x.device.type):
+            return super().state_vjp(x, s_prev, v, aux)
+        hidden = self.hidden_size
+        encoder = self.memory.weight[:, :hidden]  # [p, h] = W^{hm}
+        with torch.no_grad():
+            s_prev = s_prev.to(encoder.dtype)
+            v = v.to(s_prev.dtype)
+            if aux is None:
+                dz = (v @ encoder).mul_(self._functional(x, s_prev)[1])  # [R, h]
+            else:
+                c = _activation_scale(self.config.activation)
+                u = aux.to(s_prev.dtype)  # [R, h]
+                dz = (v @ (encoder * (c * c))).mul_(torch.addcmul(u, u, u, value=-1.0))
+            return torch.addmm(v @ self.memory.weight[:, hidden:], dz, self.memory_to_hidden)
+
     def functional_states(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
         """The functional component's outputs `h_t` of every step: `x [B, T, d] -> [B, T, h]`."""
         return self._functional(x, self.run_states(x, s0)[:, :-1])[0]

@@ -916,6 +916,21 @@ def test_lmn_closed_form_cell_backward_equals_autograd(params: dict[str, object]
     assert max_grad_diff(partial, {k: reference[k] for k in partial}) <= 1e-12
 
 
+@LMN_VARIANTS
+def test_lmn_closed_form_state_vjp_equals_autograd(params: dict[str, object]) -> None:
+    """LMN's `state_vjp` gives the autograd default's `J_tᵀ v`, from the kept gates or the
+    recomputed slope, and leaves `.grad` alone."""
+    core, (rows, s_prev, v, aux) = _kept_rows(_model("lmn", params))
+    assert type(core).state_vjp is not RecurrentForecaster.state_vjp
+    reference = RecurrentForecaster.state_vjp(core, rows, s_prev, v)
+    for kept in (aux, None):
+        closed = core.state_vjp(rows, s_prev, v, kept)
+        assert closed.shape == s_prev.shape
+        assert (closed - reference).abs().max().item() <= 1e-12
+    assert (core.state_vjp(rows, s_prev, v, aux * 0.5) - reference).abs().max().item() > 1e-3
+    assert all(p.grad is None for p in core.parameters())
+
+
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
 def test_lmn_feedback_reuses_the_gates_of_its_forward(
     activation: str, monkeypatch: pytest.MonkeyPatch
