@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -59,6 +59,16 @@ def script_loop(function: Callable[..., Any], owner: str) -> Callable[..., Any] 
             "%s: the no-grad loop cannot be scripted; using the eager one", owner, exc_info=True
         )
         return None
+
+
+def accumulate_grads(params: Sequence[nn.Parameter], grads: Sequence[Tensor]) -> None:
+    """Add `grads` into the parameters' `.grad` as `backward()` does (a closed-form
+    `cell_backward`'s last step)."""
+    for param, grad in zip(params, grads, strict=True):
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
 
 
 class RecurrentForecaster(nn.Module):

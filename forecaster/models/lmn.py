@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from forecaster.errors import ModelError
-from forecaster.models.base import RecurrentForecaster, script_loop
+from forecaster.models.base import RecurrentForecaster, accumulate_grads, script_loop
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -331,11 +331,7 @@ class LMN(RecurrentForecaster):
                 dz = (delta @ (encoder * (c * c))).mul_(torch.addcmul(u, u, u, value=-1.0))
             grad_memory = torch.cat([grad_encoder, delta.t() @ s_prev], dim=1)  # [p, h + p]
             grads = (dz.t() @ x, dz.sum(0), dz.t() @ s_prev, grad_memory, delta_sum)
-        for param, grad in zip(params, grads, strict=True):
-            if param.grad is None:
-                param.grad = grad
-            else:
-                param.grad.add_(grad)
+        accumulate_grads(params, grads)
 
     @torch.jit.ignore
     def state_vjp(self, x: Tensor, s_prev: Tensor, v: Tensor, aux: Tensor | None = None) -> Tensor:

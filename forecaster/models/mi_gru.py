@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from forecaster.models.base import RecurrentForecaster, script_loop
+from forecaster.models.base import RecurrentForecaster, accumulate_grads, script_loop
 
 _LOOP_BLOCK = 32  # steps whose input projections `feedback_forward` computes at once
 
@@ -271,11 +271,7 @@ class MiGRU(RecurrentForecaster):
                 grad_gain.sum(0),
                 (g * p).sum(0),
             )
-        for param, grad in zip(params, grads, strict=True):
-            if param.grad is None:
-                param.grad = grad
-            else:
-                param.grad.add_(grad)
+        accumulate_grads(params, grads)
 
     @torch.jit.ignore
     def state_vjp(self, x: Tensor, s_prev: Tensor, v: Tensor, aux: Tensor | None = None) -> Tensor:
