@@ -271,7 +271,7 @@ class RecurrentForecaster(nn.Module):
         `aux [R, C]`: as `cell_backward`.
 
         This default re-evaluates the rows with autograd (ignoring `aux`); a model may replace it
-        with a closed form giving the same products (MI-GRU: from its kept gates).
+        with a closed form giving the same products (MI-GRU, LMN: from their kept gates).
         """
         with torch.no_grad():
             a = self.project_inputs(x)  # [R, P]
