@@ -214,20 +214,20 @@ class MiGRU(RecurrentForecaster):
 
     def _kept_backward(
         self, x: Tensor, s_prev: Tensor, delta: Tensor, aux: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The step's backward from the kept `aux` rows `[u; r; z; n] [R, 6h]` (ALGORITHMS.md
-        §1.2 differentiated), no re-evaluation: with `δ = dL/dh_t`, `p = W x + b_i`,
-        `A = α⊙p + β1`, `dz = δ⊙(h − n)`, `dn̂ = δ⊙(1 − z)⊙(1 − n²)`, `dr = dn̂⊙A_n⊙u_n`, the
-        pre-activations' gradients `g = [dr⊙r(1−r), dz⊙z(1−z), dn̂]` (`= dC`),
-        `dq = [g_r, g_z, g_n⊙r]`, `dA = dq⊙u` and `du = dq⊙A`.
-        Returns `(p, g, dA, du)`, each `[R, 3h]`, in `s_prev`'s dtype."""
+        §1.2 differentiated), no re-evaluation: with `δ = dL/dh_t` and the gain
+        `A = α⊙(W x + b_i) + β1`, `dz = δ⊙(h − n)`, `dn̂ = δ⊙(1 − z)⊙(1 − n²)`,
+        `dr = dn̂⊙A_n⊙u_n`, the pre-activations' gradients `g = [dr⊙r(1−r), dz⊙z(1−z), dn̂]`
+        (`= dC`), `dq = [g_r, g_z, g_n⊙r]`, `dA = dq⊙u` and `du = dq⊙A`.
+        Returns `(g, dA, du)`, each `[R, 3h]`, in `s_prev`'s dtype."""
         cell, hidden = self.cell, self.hidden_size
         dtype = s_prev.dtype
         delta, aux = delta.to(dtype), aux.to(dtype)
         u, gates = aux[:, : 3 * hidden], aux[:, 3 * hidden :]  # [R, 3h] each
         r, z, n = gates[:, :hidden], gates[:, hidden : 2 * hidden], gates[:, 2 * hidden :]
-        p = F.linear(x.to(dtype), cell.weight_ih, cell.bias_ih)  # [R, 3h]
-        gain = torch.addcmul(cell.beta1, cell.alpha, p)  # [R, 3h] = A
+        weight, bias = cell.projection()
+        gain = F.linear(x.to(dtype), weight[: 3 * hidden], bias[: 3 * hidden])  # [R, 3h] = A
         g = torch.empty_like(u)  # [R, 3h]
         g_r, g_z, g_n = g[:, :hidden], g[:, hidden : 2 * hidden], g[:, 2 * hidden :]
         torch.mul(delta - delta * z, 1 - n * n, out=g_n)  # dn̂
@@ -236,15 +236,17 @@ class MiGRU(RecurrentForecaster):
         dq = g.clone()
         dq[:, 2 * hidden :].mul_(r)
         grad_gain = dq * u  # [R, 3h] = dA
-        return p, g, grad_gain, dq.mul_(gain)
+        return g, grad_gain, dq.mul_(gain)
 
     @torch.jit.ignore
     def cell_backward(
         self, x: Tensor, s_prev: Tensor, delta: Tensor, aux: Tensor | None = None
     ) -> None:
         """`RecurrentForecaster.cell_backward` in closed form from the kept `aux` rows
-        (`_kept_backward`): `dU = duᵀ h`, `db_h = Σ du`, `dα = Σ dA⊙p`, `dβ1 = Σ dA`,
-        `dβ2 = Σ g⊙p`, `dp = dA⊙α + g⊙β2`, `dW = dpᵀ x`, `db_i = Σ dp`.
+        (`_kept_backward`): `dU = duᵀ h`, `db_h = Σ du`, `dβ1 = Σ dA`, and through
+        `p = W x + b_i` (`A = α⊙p + β1`, `C = β2⊙p`) with `Gᴬ = dAᵀ x`, `Gᶜ = gᵀ x` `[3h, d]`:
+        `dW = α⊙Gᴬ + β2⊙Gᶜ`, `db_i = α⊙Σ dA + β2⊙Σ g`, `dα = Σ_k W⊙Gᴬ + b_i⊙Σ dA`,
+        `dβ2 = Σ_k W⊙Gᶜ + b_i⊙Σ g`: `p` itself is never formed over the rows.
         No re-evaluation of the step: the gates and `U h` come from the forward. Without `aux`,
         under autocast or with a frozen parameter, the autograd default runs.
         """
@@ -260,16 +262,19 @@ class MiGRU(RecurrentForecaster):
             return
         with torch.no_grad():
             s_prev = s_prev.to(cell.weight_hh.dtype)
-            p, g, grad_gain, du = self._kept_backward(x, s_prev, delta, aux)
-            dp = torch.addcmul(grad_gain * cell.alpha, g, cell.beta2)  # [R, 3h]
+            g, grad_gain, du = self._kept_backward(x, s_prev, delta, aux)
+            rows = x.to(s_prev.dtype)
+            grad_a, grad_c = grad_gain.t() @ rows, g.t() @ rows  # [3h, d] each
+            sum_a, sum_c = grad_gain.sum(0), g.sum(0)  # [3h] each
+            alpha, beta2 = cell.alpha.unsqueeze(1), cell.beta2.unsqueeze(1)  # [3h, 1]
             grads = (
-                dp.t() @ x.to(s_prev.dtype),
+                alpha * grad_a + beta2 * grad_c,
                 du.t() @ s_prev,
-                dp.sum(0),
+                cell.alpha * sum_a + cell.beta2 * sum_c,
                 du.sum(0),
-                (grad_gain * p).sum(0),
-                grad_gain.sum(0),
-                (g * p).sum(0),
+                (cell.weight_ih * grad_a).sum(1) + cell.bias_ih * sum_a,
+                sum_a,
+                (cell.weight_ih * grad_c).sum(1) + cell.bias_ih * sum_c,
             )
         accumulate_grads(params, grads)
 
@@ -284,6 +289,6 @@ class MiGRU(RecurrentForecaster):
         hidden = self.hidden_size
         with torch.no_grad():
             s_prev = s_prev.to(self.cell.weight_hh.dtype)
-            du = self._kept_backward(x, s_prev, v, aux)[3]
+            du = self._kept_backward(x, s_prev, v, aux)[2]
             z = aux[:, 4 * hidden : 5 * hidden].to(s_prev.dtype)
             return torch.addmm(v.to(s_prev.dtype) * z, du, self.cell.weight_hh)  # [R, h]
