@@ -3,10 +3,10 @@
 Question: on the standard ETT protocol (../shared/data/README.md §1: train [0, 8640) /
 val [8640 - L, 11520) / test [11520 - L, 14400) for ETTh, x4 for ETTm; z-scored on train;
 MSE/MAE on that scale over ALL test windows, stride 1), what test MSE/MAE do MI-GRU, LMN, SCRN
-and GRU reach with fixed-feedback training and with BPTT (GRU: BPTT only, its fused kernel has no
-feedback path; LSTM is skipped), next to repeat-last / seasonal-naive and the published
-univariate numbers? Targets: feedback's mean test MSE within 3% of BPTT's; best model <= 0.053 at
-H = 96 on ETTh1 (repeat-last: 0.0693).
+and GRU reach with fixed-feedback training and with BPTT (the GRU's BPTT runs torch's fused
+kernel, its feedback the same equations in `recur`; LSTM is skipped), next to repeat-last /
+seasonal-naive and the published univariate numbers? Targets: feedback's mean test MSE within
+3% of BPTT's; best model <= 0.053 at H = 96 on ETTh1 (repeat-last: 0.0693).
 
 Every run goes through `pipelines.train.run_training` (train -> ONNX export -> evaluation of the
 exported model on every val and test window), with a config built in code in the shape of
@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import RESULTS_DIR, write_results  # noqa: E402
 
 from forecaster.config import parse_config  # noqa: E402
+from forecaster.models.registry import resolve  # noqa: E402
 from pipelines.prepare import prepare  # noqa: E402
 from pipelines.train import evaluate_baselines, run_training  # noqa: E402
 
@@ -59,7 +60,8 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ett"
 DATASETS = {"ETTh1": ("ETTh", "h"), "ETTh2": ("ETTh", "h"), "ETTm1": ("ETTm", "15min")}
 HORIZONS = (96, 192, 336, 720)
 MODELS = ("mi_gru", "lmn", "scrn", "gru")
-FEEDBACK_MODELS = {"mi_gru", "lmn", "scrn"}  # gru: fused nn.GRU, BPTT only; lstm: skipped
+# The models a `feedback*` method runs for: those the registry says support it (all of MODELS).
+FEEDBACK_MODELS = {name for name in MODELS if resolve(name)[0].supports_feedback}
 
 # Nie et al., ICLR 2023 (arXiv:2211.14730), Appendix A.3, Table 8 — univariate ETT, target OT.
 # (MSE, MAE); the DLinear column is cited there from Zeng et al.

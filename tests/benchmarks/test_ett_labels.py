@@ -55,3 +55,9 @@ def test_method_labels_map_to_trainer_settings(
 def test_bad_method_labels_are_refused(label: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="is not 'bptt' or"):
         ett.method_label(label)
+
+
+def test_every_benchmarked_model_gets_feedback_runs() -> None:
+    """The GRU's BPTT runs the fused kernel, but its feedback runs `recur`: the issue's grid
+    asks for feedback and BPTT of all four models, LSTM (no feedback path) is not among them."""
+    assert {"mi_gru", "lmn", "scrn", "gru"} == ett.FEEDBACK_MODELS
