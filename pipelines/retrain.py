@@ -79,8 +79,9 @@ LOCK_FILE = "retrain.lock"
 WORK_DIR = "retrain"
 STATE_FILE = "state.json"
 DEFAULT_LOCK_MAX_AGE_S = 6 * 3600.0
-# A lock file is written right after it is created; one still unreadable after this long was
-# left by a process killed in between.
+# A lock file appears complete (`_create_exclusive`) except where hard links are missing; there
+# it is written right after it is created, and one still unreadable after this long was left by
+# a process killed in between.
 _UNWRITTEN_LOCK_GRACE_S = 60.0
 # PIDs are recycled: the lock records the process start time and a PID alive with another start
 # time is another process.
@@ -288,17 +289,41 @@ def _stale_reason(path: Path, held: LockInfo | None, max_age_s: float) -> str | 
     return None
 
 
-def _create_exclusive(path: Path, text: str) -> bool:
-    """Create `path` with `text` unless it exists (O_CREAT|O_EXCL); True when created."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
+def _write_new(path: Path, text: str) -> None:
+    """Write `text` to `path`, which must not exist (O_CREAT|O_EXCL), and fsync it."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-    return True
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists; True when created.
+
+    The text goes to a private temporary file first, which is hard-linked to `path` (`link`
+    fails when `path` exists, like O_EXCL): a competing process never reads the lock empty or
+    half-written, so it can always name the holder. Where the file system has no hard links,
+    `path` is created with O_EXCL and written in place (an empty lock then reads as held by a
+    process that is starting, and as stale after `_UNWRITTEN_LOCK_GRACE_S`).
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temporary.unlink(missing_ok=True)  # ours by name: left by a killed process with this pid
+    try:
+        _write_new(temporary, text)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:  # no hard links here (EPERM, ENOTSUP, ...)
+            logger.debug("hard link for %s failed (%s); creating it in place", path, exc)
+            try:
+                _write_new(path, text)
+            except FileExistsError:
+                return False
+        return True
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _replace_stale(path: Path, held: LockInfo | None, reason: str) -> None:

@@ -181,6 +181,50 @@ def test_lock_from_another_host_is_stale_only_past_the_max_age(tmp_path: Path) -
         assert info.host == socket.gethostname()
 
 
+def test_lock_appears_with_its_holder_already_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A competing retrain reads the lock the moment it exists, so it must never see it empty:
+    the lock's name comes into being by a hard link to a file already holding the holder."""
+    path = tmp_path / LOCK_FILE
+    real_link = os.link
+    seen: list[tuple[bool, dict[str, Any]]] = []  # (lock existed, what the linked file held)
+
+    def link(source: Any, target: Any) -> None:
+        seen.append((path.exists(), json.loads(Path(source).read_text())))
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", link)
+    with retrain_lock(path, config_label="a.yaml") as info:
+        assert seen == [(False, asdict(info))]
+        assert json.loads(path.read_text()) == asdict(info)
+        with (
+            pytest.raises(LockHeld, match=f"pid {os.getpid()} on "),
+            retrain_lock(path, config_label="b.yaml"),
+        ):
+            pass
+    assert [existed for existed, _ in seen] == [False, True]
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_lock_without_hard_links_is_written_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_link(source: Any, target: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    path = tmp_path / LOCK_FILE
+    with retrain_lock(path, config_label="a.yaml") as info:
+        assert json.loads(path.read_text()) == asdict(info)
+        with (
+            pytest.raises(LockHeld, match=f"pid {os.getpid()} on "),
+            retrain_lock(path, config_label="b.yaml"),
+        ):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unreadable_lock_counts_as_held_while_young_and_stale_when_old(tmp_path: Path) -> None:
     path = tmp_path / LOCK_FILE
     path.write_text("")
