@@ -453,7 +453,6 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         "NLinear: not listed (its univariate numbers could not be verified against the "
         "source table here).",
-        "",
     ]
     lines += ratio_table(payload["targets"]["feedback_within_3pct_of_bptt"])
     others = {k: v for k, v in payload["targets"].items() if k != "feedback_within_3pct_of_bptt"}
