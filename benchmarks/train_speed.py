@@ -27,6 +27,11 @@ the memory columns of an existing train_speed.json and keeps its timings.
 Also timed, in the same run: SCRN alone and the shipped ETTh1 model (SCRN + 336 lags) at that
 config's window T = 336, h = 64, BPTT vs the matrix feedback the config trains with.
 
+`--threads 1 2` times every variant at both torch thread counts in one round-robin and compares
+each method at its fastest count (results/train_speed_threads.*; no memory or shipped-model runs):
+the trainer uses torch's default count, and a speed-up is only fair if neither side is timed at
+a count that slows it down.
+
 Writes benchmarks/results/train_speed.json and .md. Run: python benchmarks/train_speed.py
 (`--quick`: T in {336, 720}, h = 64 only).
 """
@@ -125,18 +130,28 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(variants: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Round-robin timing; on CUDA each step is bracketed by a device synchronize."""
-    for fn in variants.values():  # warm-up: scripting, allocator, first-touch
+def interleaved(
+    variants: dict[str, Callable[[], None]],
+    rounds: int,
+    threads: dict[str, int] | None = None,
+) -> dict[str, list[float]]:
+    """Round-robin timing; on CUDA each step is bracketed by a device synchronize. `threads`:
+    the torch thread count of each variant, set before its step, outside the timed span."""
+    threads = threads or {}
+    before = torch.get_num_threads()
+    for key, fn in variants.items():  # warm-up: scripting, allocator, first-touch
+        torch.set_num_threads(threads.get(key, before))
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for key, fn in variants.items():
+            torch.set_num_threads(threads.get(key, before))
             _sync()
             start = time.perf_counter()
             fn()
             _sync()
             times[key].append(time.perf_counter() - start)
+    torch.set_num_threads(before)
     return times
 
 
@@ -233,30 +248,38 @@ def time_sizes(
     lengths: tuple[int, ...],
     rounds_default: int,
     rounds_large: int,
+    threads: tuple[int, ...] = (1,),
 ) -> None:
-    """Time every variant at every (hidden, T); one entry per (model, hidden, T) into `entries`."""
+    """Time every variant at every (hidden, T); one entry per (model, hidden, T, thread count)
+    into `entries`. With several thread counts every variant runs at each of them, all in the
+    same round-robin (`torch.set_num_threads` before each step), so they share the noise."""
     for hidden in hiddens:
         for steps in lengths:
             rounds = rounds_large if (steps == 1440 and hidden == 256) else rounds_default
             cases = {name: make_case(name, hidden, steps, device=device) for name in CELLS}
             cases["gru"] = make_case("gru", hidden, steps, device=device)
-            variants: dict[str, Callable[[], None]] = {}
+            base: dict[str, Callable[[], None]] = {}
             for name in CELLS:
-                variants[f"{name}/bptt"] = step_fn("bptt", cases[name])
-                variants[f"{name}/feedback"] = step_fn("feedback", cases[name])
-                variants[f"{name}/matrix"] = step_fn("feedback", cases[name], "d_matrix")
-                variants[f"{name}/c1"] = step_fn("feedback", cases[name], corrections=1)
-            variants["gru/bptt"] = step_fn("bptt", cases["gru"])
+                base[f"{name}/bptt"] = step_fn("bptt", cases[name])
+                base[f"{name}/feedback"] = step_fn("feedback", cases[name])
+                base[f"{name}/matrix"] = step_fn("feedback", cases[name], "d_matrix")
+                base[f"{name}/c1"] = step_fn("feedback", cases[name], corrections=1)
+            base["gru/bptt"] = step_fn("bptt", cases["gru"])
+            variants = {f"{key}@{n}": fn for n in threads for key, fn in base.items()}
             t0 = time.perf_counter()
-            times = interleaved(variants, rounds)
-            gru = times["gru/bptt"]
-            for name in CELLS:
-                bp, fb = times[f"{name}/bptt"], times[f"{name}/feedback"]
+            times = interleaved(
+                variants, rounds, {f"{key}@{n}": n for n in threads for key in base}
+            )
+            for n, name in ((n, name) for n in threads for name in CELLS):
+                bp, fb = times[f"{name}/bptt@{n}"], times[f"{name}/feedback@{n}"]
+                gru = times[f"gru/bptt@{n}"]
+                matrix, c1 = times[f"{name}/matrix@{n}"], times[f"{name}/c1@{n}"]
                 entry = {
                     "device": device,
                     "model": name,
                     "hidden": hidden,
                     "T": steps,
+                    "threads": n,
                     "rounds": rounds,
                     "bptt_s": round(statistics.median(bp), 4),
                     "bptt_min_s": round(min(bp), 4),
@@ -264,33 +287,29 @@ def time_sizes(
                     "feedback_min_s": round(min(fb), 4),
                     "speedup": round(statistics.median(bp) / statistics.median(fb), 3),
                     "speedup_min": round(min(bp) / min(fb), 3),
-                    "feedback_matrix_s": round(statistics.median(times[f"{name}/matrix"]), 4),
-                    "speedup_matrix": round(
-                        statistics.median(bp) / statistics.median(times[f"{name}/matrix"]), 3
-                    ),
-                    "feedback_c1_s": round(statistics.median(times[f"{name}/c1"]), 4),
-                    "speedup_c1": round(
-                        statistics.median(bp) / statistics.median(times[f"{name}/c1"]), 3
-                    ),
+                    "feedback_matrix_s": round(statistics.median(matrix), 4),
+                    "speedup_matrix": round(statistics.median(bp) / statistics.median(matrix), 3),
+                    "feedback_c1_s": round(statistics.median(c1), 4),
+                    "speedup_c1": round(statistics.median(bp) / statistics.median(c1), 3),
                     "nn_gru_s": round(statistics.median(gru), 4),
                     "nn_gru_min_s": round(min(gru), 4),
                     "spectral_radius_d": round(float(cases[name]["d"].abs().max()), 4),
                 }
                 if device == "cuda":
                     for method in ("bptt", "feedback"):
-                        entry[f"peak_mb_{method}"] = cuda_peak_mb(variants[f"{name}/{method}"])
+                        entry[f"peak_mb_{method}"] = cuda_peak_mb(base[f"{name}/{method}"])
                     entry["peak_ratio"] = round(
                         entry["peak_mb_feedback"] / max(entry["peak_mb_bptt"], 0.1), 2
                     )
-                    entry["peak_mb_nn_gru"] = cuda_peak_mb(variants["gru/bptt"])
+                    entry["peak_mb_nn_gru"] = cuda_peak_mb(base["gru/bptt"])
                 entries.append(entry)
                 print(
-                    f"{name:7s} h={hidden:3d} T={steps:4d}  bptt {entry['bptt_s']:.3f}  "
+                    f"{name:7s} h={hidden:3d} T={steps:4d} x{n} thr  bptt {entry['bptt_s']:.3f}  "
                     f"feedback {entry['feedback_s']:.3f}  x{entry['speedup']:.2f}  "
                     f"nn.GRU {entry['nn_gru_s']:.3f}  ({time.perf_counter() - t0:.0f}s)",
                     flush=True,
                 )
-            del cases, variants
+            del cases, base, variants
 
 
 # SCRN alone and the shipped ETTh1 model (configs/etth1.yaml: SCRN + 336 lags, matrix feedback)
@@ -333,7 +352,14 @@ def time_shipped(device: str, rounds: int) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="T in {336, 720}, h = 64 only")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="torch threads (default 1); several, e.g. `1 2`: every variant at each count in one "
+        "round-robin, no memory runs, results/train_speed_threads.*",
+    )
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per size (>= 5)")
     parser.add_argument("--rounds-large", type=int, default=5, help="rounds at T=1440, h=256")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
@@ -360,13 +386,19 @@ def main() -> None:
     args = parser.parse_args()
     if args._peak:
         name, method, hidden, steps = args._peak
-        peak_child(name, method, int(hidden), int(steps), args.threads)
+        peak_child(name, method, int(hidden), int(steps), args.threads[0])
         return
     if min(args.rounds, args.rounds_large) < 5:
         parser.error("at least 5 timed rounds")
-    torch.set_num_threads(args.threads)
+    if min(args.threads) < 1 or len(set(args.threads)) != len(args.threads):
+        parser.error(f"--threads {args.threads}: distinct positive integers needed")
+    threads: tuple[int, ...] = tuple(args.threads)
+    compare = len(threads) > 1
+    if compare and (args.memory_only or args.device == "cuda"):
+        parser.error("several --threads compare CPU step times only (no --memory-only, no cuda)")
+    torch.set_num_threads(threads[0])
     if args.memory_only:
-        memory_only(args.threads)
+        memory_only(threads[0])
         return
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -380,28 +412,34 @@ def main() -> None:
     entries: list[dict[str, Any]] = []
     heap = device == "cpu" and args.heap == "training"
     with training_heap() if heap else contextlib.nullcontext():
-        time_sizes(entries, device, hiddens, lengths, args.rounds, args.rounds_large)
-        shipped = time_shipped(device, args.rounds)
+        time_sizes(entries, device, hiddens, lengths, args.rounds, args.rounds_large, threads)
+        shipped = [] if compare else time_shipped(device, args.rounds)
     timing_s = time.perf_counter() - started
     load_after_timing = [round(v, 2) for v in os.getloadavg()]
     if device == "cuda":
         pass  # filled in-process per size above (CUDA max allocated)
-    elif not args.no_memory:
-        fill_memory(entries, args.threads)
+    elif not (args.no_memory or compare):
+        fill_memory(entries, threads[0])
     ratios = {}
     for name in CELLS:
         for hidden in hiddens:
-            by_t = {e["T"]: e for e in entries if e["model"] == name and e["hidden"] == hidden}
+            by_t = {
+                e["T"]: e
+                for e in entries
+                if (e["model"], e["hidden"], e["threads"]) == (name, hidden, threads[0])
+            }
             if 720 in by_t and 1440 in by_t:
                 ratios[f"{name}_h{hidden}"] = round(by_t[1440]["bptt_s"] / by_t[720]["bptt_s"], 2)
             if 336 in by_t and 720 in by_t:
                 ratios[f"{name}_h{hidden}_720_over_336"] = round(
                     by_t[720]["bptt_s"] / by_t[336]["bptt_s"], 2
                 )
-    targets = targets_report(entries)
+    targets = targets_report(best_of_threads(entries) if compare else entries)
     result_name = "train_speed" if device == "cpu" else "train_speed_cuda"
     if device == "cpu" and not heap:
         result_name = "train_speed_default_heap"
+    if compare:
+        result_name = "train_speed_threads"
     payload = {
         "settings": {
             "device": device
@@ -409,7 +447,7 @@ def main() -> None:
             else f"cuda ({torch.cuda.get_device_name()}, torch {torch.__version__})",
             "batch": BATCH,
             "horizon": HORIZON,
-            "threads": args.threads,
+            "threads": threads[0] if not compare else list(threads),
             "rounds": args.rounds,
             "rounds_t1440_h256": args.rounds_large,
             "quick": args.quick,
@@ -429,8 +467,80 @@ def main() -> None:
         "bptt_ratio_1440_over_720": ratios,
         "targets": targets,
     }
-    write_results(result_name, payload, markdown(payload))
-    print(markdown(payload))
+    render = markdown_threads if compare else markdown
+    write_results(result_name, payload, render(payload))
+    print(render(payload))
+
+
+def best_of_threads(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, hidden, T): each method at its fastest thread count (median step time), so
+    neither side of a speed-up is timed at a count that slows it down."""
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for e in entries:
+        groups.setdefault((e["model"], e["hidden"], e["T"]), []).append(e)
+    out = []
+    for (model, hidden, steps), group in groups.items():
+        bp = min(group, key=lambda e: e["bptt_s"])
+        fb = min(group, key=lambda e: e["feedback_s"])
+        gru = min(group, key=lambda e: e["nn_gru_s"])
+        out.append(
+            {
+                "device": bp["device"],
+                "model": model,
+                "hidden": hidden,
+                "T": steps,
+                "bptt_s": bp["bptt_s"],
+                "bptt_threads": bp["threads"],
+                "feedback_s": fb["feedback_s"],
+                "feedback_threads": fb["threads"],
+                "speedup": round(bp["bptt_s"] / fb["feedback_s"], 3),
+                "nn_gru_s": gru["nn_gru_s"],
+                "nn_gru_threads": gru["threads"],
+            }
+        )
+    return out
+
+
+def markdown_threads(payload: dict[str, Any]) -> str:
+    """The thread-count comparison: every variant per count, then each method at its best."""
+    s = payload["settings"]
+    lines = [
+        "# Training step time by torch thread count: fixed feedback vs BPTT (cpu)",
+        "",
+        f"Batch {s['batch']}, H = {s['horizon']}, thread counts {s['threads']} in one "
+        f"round-robin; median (min) seconds per step over {s['rounds']} interleaved rounds after "
+        f"one warm-up ({s['rounds_t1440_h256']} at T = 1440, h = 256); heap: {s['heap']}. "
+        f"Load average at start {s['load_average_start']}, after timing "
+        f"{s['load_average_after_timing']}.",
+        "",
+        "| model | h | T | threads | BPTT s | feedback s | speedup | matrix feedback s "
+        "| feedback + 1 correction s | nn.GRU BPTT s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in payload["entries"]:
+        lines.append(
+            f"| {e['model']} | {e['hidden']} | {e['T']} | {e['threads']} "
+            f"| {e['bptt_s']:.3f} ({e['bptt_min_s']:.3f}) "
+            f"| {e['feedback_s']:.3f} ({e['feedback_min_s']:.3f}) | {e['speedup']:.2f}x "
+            f"| {e['feedback_matrix_s']:.3f} | {e['feedback_c1_s']:.3f} "
+            f"| {e['nn_gru_s']:.3f} ({e['nn_gru_min_s']:.3f}) |"
+        )
+    lines += [
+        "",
+        "Each method at its fastest thread count (median), and the speed-up between them:",
+        "",
+        "| model | h | T | BPTT s (threads) | feedback s (threads) | speedup "
+        "| nn.GRU BPTT s (threads) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {b['model']} | {b['hidden']} | {b['T']} | {b['bptt_s']:.3f} ({b['bptt_threads']}) "
+        f"| {b['feedback_s']:.3f} ({b['feedback_threads']}) | {b['speedup']:.2f}x "
+        f"| {b['nn_gru_s']:.3f} ({b['nn_gru_threads']}) |"
+        for b in best_of_threads(payload["entries"])
+    ]
+    lines += ["", "Targets (best against best): " + json.dumps(payload["targets"])]
+    return "\n".join(lines)
 
 
 def memory_only(threads: int) -> None:
