@@ -775,9 +775,10 @@ class _Run:
         if checkpoint.config_hash != self.run_hash:
             raise ConfigError(
                 f"checkpoint in {self.checkpoint_dir} was written by a run with other settings "
-                f"(hash {checkpoint.config_hash}, this run {self.run_hash}: train config other "
-                "than epochs/device, model, windows, seed or method differ); start without "
-                "resume or use another directory",
+                f"(hash {checkpoint.config_hash}, this run {self.run_hash}: the train config "
+                "other than epochs/device, the model or its hyper-parameters, the training or "
+                "validation data, the seed or the method differ); start without resume "
+                "(`forecaster train --fresh`) or use another directory",
                 field="resume",
             )
         self.model.load_state_dict(checkpoint.model_state)
@@ -806,16 +807,29 @@ class _Run:
             if checkpoint.feedback_d is None
             else checkpoint.feedback_d.to(device=self.device, dtype=dtype)
         )
-        if self.d is not None and checkpoint.feedback_statistic is not None:
-            # The statistic a closed-form feedback follows the weights from (`_follow_weights`).
-            radius = spectral_radius(self.d) if self.d.dim() == 2 else float(self.d.abs().max())
+        if self.d is not None:
+            # The estimate in use when the checkpoint was written: its radii as the last epoch
+            # recorded them (the history and `TrainResult.feedback` report them until the next
+            # refresh), and the statistic a closed-form feedback follows the weights from.
+            last = saved.epochs[-1] if saved.epochs else None
+            radius = (
+                last.spectral_radius
+                if last is not None and last.spectral_radius is not None
+                else (spectral_radius(self.d) if self.d.dim() == 2 else float(self.d.abs().max()))
+            )
+            unclipped = (
+                last.unclipped_spectral_radius
+                if last is not None and last.unclipped_spectral_radius is not None
+                else radius
+            )
+            statistic = checkpoint.feedback_statistic
             self.estimate = FeedbackEstimate(
                 d=self.d,
                 spectral_radius=radius,
-                unclipped_spectral_radius=radius,
+                unclipped_spectral_radius=unclipped,
                 kind=self.config.feedback.kind,
                 seconds=0.0,
-                statistic=checkpoint.feedback_statistic.to(self.device),
+                statistic=None if statistic is None else statistic.to(self.device),
             )
         self.epoch = checkpoint.epoch
         self.step = checkpoint.step
@@ -956,6 +970,10 @@ def _run_hash(
     seed: int,
     method: str,
 ) -> str:
+    """What a checkpoint must match to be resumed: the train config (less epochs and device),
+    method, seed, the model's class, hyper-parameters and parameter shapes, and the training and
+    validation windows' content (`ForkingWindows.fingerprint`), so a run on other data or
+    preprocessing never picks up another run's weights."""
     settings = config.model_dump(mode="json", exclude={"epochs", "device"})
     return config_hash(
         {
@@ -963,9 +981,10 @@ def _run_hash(
             "method": method,
             "seed": seed,
             "model": type(model).__name__,
+            "model_config": repr(getattr(model, "config", None)),
             "shapes": {key: list(value.shape) for key, value in model.state_dict().items()},
-            "train_windows": [len(train_windows), train_windows.lookback, train_windows.horizon],
-            "val_windows": [len(val_windows), val_windows.lookback, val_windows.horizon],
+            "train_windows": train_windows.fingerprint(),
+            "val_windows": val_windows.fingerprint(),
         }
     )
 

@@ -16,6 +16,7 @@ first row of its own.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -226,6 +227,16 @@ class ForkingWindows:
     def dtype(self) -> torch.dtype:
         """Floating dtype of the stored values."""
         return self._values.dtype
+
+    def fingerprint(self) -> str:
+        """sha256 of what the windows read: sizes, stride, window positions and the stored
+        values (bit for bit, as stored). Two window sets with the same fingerprint give the
+        same batches; a checkpoint records it so a resume on other data is refused."""
+        digest = hashlib.sha256()
+        digest.update(f"{self.lookback},{self.horizon},{self.stride},{self.dtype}".encode())
+        for tensor in (self._starts, self._values):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def to(self, device: torch.device | str) -> ForkingWindows:
         """The same windows with the stored values on `device` (a shallow copy; self is kept)."""

@@ -313,6 +313,28 @@ def test_closed_form_feedback_follows_the_weights_every_step_and_resumes(tmp_pat
     assert resumed.feedback.statistic is not None
 
 
+@pytest.mark.parametrize("name", ["mi_gru", "lmn"])
+def test_resume_between_estimates_records_the_same_spectral_radii(
+    name: str, tmp_path: Path
+) -> None:
+    """A run resumed between two epoch estimates reports the feedback it trains with: the
+    per-epoch radii (clipped and unclipped) and `TrainResult.feedback` match the uninterrupted
+    run's, also for a model without a closed-form statistic (MI-GRU)."""
+    train_w, val_w = _windows()
+    feedback = FeedbackConfig(refresh_every=2, estimate_batches=1, min_cosine=-1.0)
+    config = _config(method="feedback", epochs=3, max_windows=64, lr=2e-2, feedback=feedback)
+    whole = train(_model(name), train_w, val_w, config, seed=1)
+    resumed = _assert_resumes_to(whole.model.state_dict(), name, config, 1, tmp_path)
+
+    def radii(result: TrainResult) -> list[tuple[float | None, float | None]]:
+        return [(r.spectral_radius, r.unclipped_spectral_radius) for r in result.history.epochs]
+
+    assert radii(resumed) == radii(whole)
+    assert all(None not in pair for pair in radii(resumed))
+    assert resumed.feedback is not None and whole.feedback is not None
+    assert resumed.feedback.spectral_radius == whole.feedback.spectral_radius
+
+
 def test_model_without_feedback_support_trains_with_bptt_and_says_why(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -364,6 +386,54 @@ def test_resume_under_other_settings_is_refused(tmp_path: Path) -> None:
             checkpoint_dir=tmp_path,
             resume=True,
         )
+
+
+def test_resume_on_other_data_of_the_same_length_is_refused(tmp_path: Path) -> None:
+    # Same sizes, same window counts, other values: a finished checkpoint must not hand the
+    # old run's weights to the new data.
+    train_w, val_w = _windows()
+    train(_model(), train_w, val_w, _config(epochs=1, max_windows=16), checkpoint_dir=tmp_path)
+    values = _series(200) * 2.0 + 1.0
+    other_train = ForkingWindows([values], lookback=LOOKBACK, horizon=HORIZON, rows=slice(0, 150))
+    other_val = ForkingWindows(
+        [values], lookback=LOOKBACK, horizon=HORIZON, rows=slice(150 - LOOKBACK, 200)
+    )
+    assert (len(other_train), len(other_val)) == (len(train_w), len(val_w))
+    with pytest.raises(ConfigError, match="training or validation data"):
+        train(
+            _model(),
+            other_train,
+            other_val,
+            _config(epochs=1, max_windows=16),
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
+
+
+def test_resume_with_other_hyper_parameters_of_the_same_shapes_is_refused(tmp_path: Path) -> None:
+    train_w, val_w = _windows()
+    torch.manual_seed(0)
+    tanh = build("lmn", input_size=1, hidden_size=8, horizon=HORIZON, activation="tanh")
+    train(tanh, train_w, val_w, _config(epochs=1, max_windows=16), checkpoint_dir=tmp_path)
+    torch.manual_seed(0)
+    sigmoid = build("lmn", input_size=1, hidden_size=8, horizon=HORIZON, activation="sigmoid")
+    with pytest.raises(ConfigError, match="written by a run with other settings"):
+        train(
+            sigmoid,
+            train_w,
+            val_w,
+            _config(epochs=1, max_windows=16),
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
+
+
+def test_window_fingerprint_follows_the_values_not_the_device_or_copy() -> None:
+    train_w, _ = _windows()
+    same, _ = _windows()
+    assert train_w.fingerprint() == same.fingerprint() == train_w.to("cpu").fingerprint()
+    shifted = ForkingWindows([_series(200)], lookback=LOOKBACK, horizon=HORIZON, rows=slice(1, 151))
+    assert shifted.fingerprint() != train_w.fingerprint()  # same count, other positions
 
 
 def test_resume_without_a_checkpoint_dir_is_refused() -> None:
