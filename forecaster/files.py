@@ -3,12 +3,18 @@
 Every artifact the project writes (preprocessing.json, stationarity.json, checkpoints, bundle
 metadata, benchmark results) goes through `atomic_writer`: a temporary file in the same folder,
 flushed and fsynced, then renamed over the target. On any failure the temporary file is removed
-and the previous file, if any, is left untouched. Standard library only (serving imports it).
+and the previous file, if any, is left untouched. Folders (model bundles) are published with
+`replace_dir`: built beside the target, then swapped in by one atomic exchange. Standard library
+only (serving imports it).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,3 +50,62 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_writer(path) as handle:
         handle.write(text)
     return Path(path)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # renameat2(2): swap the two names atomically (Linux >= 3.15, glibc >= 2.28)
+# errno values meaning "this system or file system cannot exchange", not "the swap failed".
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one `renameat2(RENAME_EXCHANGE)`; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl < 1.2.x)
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    renameat2.restype = ctypes.c_int
+    if (
+        renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+        == 0
+    ):
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def replace_dir(staging: str | Path, folder: str | Path) -> Path:
+    """Publish the complete folder `staging` as `folder`, replacing any folder there.
+
+    Where `folder` exists, the two are exchanged atomically (Linux `renameat2`), so a reader or
+    a crash at any moment finds the old folder or the new one, never neither; the old one is
+    then deleted. Where the exchange is unsupported, the old folder is renamed aside to
+    `.<name>.old` first and the new one renamed in; a crash between the two leaves the old
+    folder under that name, and the next `replace_dir` of the same folder puts it back first.
+    """
+    staging, folder = Path(staging), Path(folder)
+    retired = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and retired.is_dir():
+        retired.replace(folder)  # a fallback swap was interrupted: restore the old folder
+    if not folder.exists():
+        staging.replace(folder)
+        return folder
+    if _exchange(staging, folder):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+        return folder
+    shutil.rmtree(retired, ignore_errors=True)
+    folder.replace(retired)
+    staging.replace(folder)
+    shutil.rmtree(retired, ignore_errors=True)
+    return folder

@@ -46,7 +46,7 @@ from forecaster.config import Config, Execution
 from forecaster.data import ID_COL, Split
 from forecaster.errors import ModelError
 from forecaster.evaluation import Evaluation, evaluate_forecaster, part_windows
-from forecaster.files import atomic_write_text
+from forecaster.files import atomic_write_text, replace_dir
 from forecaster.inference import forecast_window, open_session
 from forecaster.metrics import coverage, interval_width
 from forecaster.transform import SeriesTransform, Transformed, inverse_forecast, transform
@@ -421,14 +421,7 @@ def write_bundle(
             "history": history.to_dict(),
         }
         atomic_write_text(staging / METADATA_FILE, json.dumps(record, indent=2) + "\n")
-        if folder.exists():
-            retired = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            folder.replace(retired)
-            staging.replace(folder)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.replace(folder)
+        replace_dir(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

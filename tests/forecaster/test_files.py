@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import forecaster.files
-from forecaster.files import atomic_write_text, atomic_writer
+from forecaster.files import atomic_write_text, atomic_writer, replace_dir
 
 
 def test_write_replaces_whole_file_readable_by_others(tmp_path: Path) -> None:
@@ -45,3 +45,71 @@ def test_failing_fsync_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Mo
         atomic_write_text(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def _bundle(path: Path, text: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "model.onnx").write_text(text)
+    (path / "metadata.json").write_text(text)
+    return path
+
+
+def test_replace_dir_publishes_a_new_folder_and_swaps_an_old_one(tmp_path: Path) -> None:
+    folder = tmp_path / "bundle"
+    replace_dir(_bundle(tmp_path / ".stage1", "v1"), folder)
+    assert (folder / "model.onnx").read_text() == "v1"
+    replace_dir(_bundle(tmp_path / ".stage2", "v2"), folder)
+    assert {p.name: (p / "model.onnx").read_text() for p in tmp_path.iterdir()} == {"bundle": "v2"}
+
+
+def test_a_crash_while_replacing_never_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the first rename (the second one never happens) or before the old copy is
+    deleted: the folder is there, old or new, whole."""
+    folder = _bundle(tmp_path / "bundle", "v1")
+    renames = 0
+    real_replace = Path.replace
+
+    def second_rename_dies(self: Path, target: str | Path) -> Path:
+        nonlocal renames
+        renames += 1
+        if renames == 2:
+            raise KeyboardInterrupt
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", second_rename_dies)
+    monkeypatch.setattr(forecaster.files.shutil, "rmtree", _raise_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(_bundle(tmp_path / ".stage", "v2"), folder)
+    assert (folder / "model.onnx").read_text() == (folder / "metadata.json").read_text() == "v2"
+
+
+def _raise_interrupt(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+def test_without_an_exchange_an_interrupted_swap_is_restored_by_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forecaster.files, "_exchange", lambda first, second: False)
+    folder = _bundle(tmp_path / "bundle", "v1")
+    real_replace = Path.replace
+    calls = 0
+
+    def second_rename_dies(self: Path, target: str | Path) -> Path:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt
+        return real_replace(self, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "replace", second_rename_dies)
+        with pytest.raises(KeyboardInterrupt):
+            replace_dir(_bundle(tmp_path / ".stage2", "v2"), folder)
+    assert not folder.exists()
+    assert (tmp_path / ".bundle.old" / "model.onnx").read_text() == "v1"
+    replace_dir(_bundle(tmp_path / ".stage3", "v3"), folder)
+    assert (folder / "model.onnx").read_text() == "v3"
+    assert not (tmp_path / ".bundle.old").exists()
