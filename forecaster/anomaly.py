@@ -42,6 +42,13 @@ does not count the points just under the flag line that follow a near-alarm as m
 never saturated (1 - p rounds to 1 once p < 1e-16), and exactly 0.5 at the flag threshold, so
 `is_anomaly = score >= 0.5`.
 
+Magnitudes. Any finite values are scored: the detector works on the series divided by a power of
+two (exact) that brings its fit segment's largest magnitude within [2**-256, 2**256], so that
+squares and sums of squares stay finite (`score` multiplies `expected` and the bounds back; a
+bound beyond the float range is then infinite). Residuals beyond 1e300 of those units (a value
+far outside the fit segment's range) count as 1e300, and a surprise is at most 2**40 times the
+flag level's, so scores stay finite and below 1.
+
 Missing values (NaN) score 0, are never flagged and stay out of the distribution-change history;
 inside the forecasts' inputs they are replaced by the one-step forecast of them. Gaps in time are
 made missing values by `on_time_grid` (the rows of a regular time grid, `AnomalyResult.take`
@@ -69,6 +76,7 @@ __all__ = [
     "AnomalyDetector",
     "AnomalyResult",
     "DetectorSettings",
+    "detect_on_time_grid",
     "detect_season",
     "on_time_grid",
     "probationary_length",
@@ -84,6 +92,10 @@ _NORMAL = NormalDist()
 _CHANGE_WARMUP = 10  # windows' worth of statistics before the change test counts
 _MIN_EXTERNAL_SEED = 30  # another model's fit-segment residuals needed to seed its calibration
 _SEED_FOLDS = 5  # folds of the fit segment whose out-of-fold residuals seed the calibration
+_SAFE_EXPONENT = 256  # |values| below 2**256: squares and sums of squares stay finite
+_MAX_RESIDUAL = 1e300  # largest nonconformity score remembered (its windows' sums stay finite)
+_MAX_LOG_SURPRISE = 1e290  # largest -ln p of one test (the sum over tests stays finite)
+_MAX_SCORE_SURPRISE = 2.0**40  # largest surprise, in flag levels, a score reflects (score < 1)
 PROBATION_FRACTION = 0.15
 PROBATION_CAP_ROWS = 5000  # NAB caps the probationary period at 15% of 5,000 rows (750)
 
@@ -249,6 +261,21 @@ def _as_series(values: npt.ArrayLike, name: str) -> FloatArray:
     return array
 
 
+def _scale_of(values: FloatArray) -> float:
+    """A power of two that brings the largest finite |value| within [2**-256, 2**256) (1.0 when
+    it is already there, or there is none); dividing by it is exact."""
+    magnitudes = np.abs(values[np.isfinite(values)])
+    top = float(magnitudes.max()) if magnitudes.size else 0.0
+    if top == 0.0:
+        return 1.0
+    exponent = math.frexp(top)[1]  # top < 2**exponent
+    if exponent > _SAFE_EXPONENT:
+        return math.ldexp(1.0, exponent - _SAFE_EXPONENT)
+    if exponent < -_SAFE_EXPONENT:
+        return math.ldexp(1.0, exponent)
+    return 1.0
+
+
 def _forward_fill(values: FloatArray) -> FloatArray:
     """NaNs replaced by the last known value (leading NaNs by the first known one)."""
     missing = np.isnan(values)
@@ -271,6 +298,7 @@ def detect_season(values: npt.ArrayLike, max_season: int = 1000, min_acf: float 
     """
     y = _forward_fill(_as_series(values, "values"))
     y = y[~np.isnan(y)]
+    y = y / _scale_of(y)  # the autocorrelation is scale-free; this keeps y @ y finite
     n = len(y)
     top = min(max_season, n // 2)
     if top < 5:
@@ -329,7 +357,7 @@ class _Calibration:
         if at_least >= max(2, math.ceil(self.tail_fraction * n)) or a <= 0:
             return math.log((at_least + 1) / (n + 1))
         m, u, beta = self._tail()
-        return math.log((m + 1) / (n + 1)) - (a - u) / beta
+        return max(math.log((m + 1) / (n + 1)) - (a - u) / beta, -_MAX_LOG_SURPRISE)
 
     def quantile(self, alpha: float) -> float:
         """Score exceeded with probability `alpha` (conformal, exponential tail beyond)."""
@@ -412,6 +440,7 @@ class AnomalyDetector:
     def __init__(self, settings: DetectorSettings | None = None) -> None:
         self.settings = settings or DetectorSettings()
         self.season = 0
+        self._scale = 1.0  # the series is divided by this (a power of two, see `_scale_of`)
         self._resolution = 0.0
         self._horizons: list[_Horizon] = []
         self._change: _Change | None = None
@@ -463,6 +492,10 @@ class AnomalyDetector:
         """
         raw = _as_series(values, "values")
         external = _external(expected, len(raw))
+        self._scale = _scale_of(raw)
+        raw = raw / self._scale
+        if external is not None:
+            external = external / self._scale
         y = _forward_fill(raw)
         settings = self.settings
         known = y[~np.isnan(y)]
@@ -481,7 +514,8 @@ class AnomalyDetector:
         if spread <= 0:
             spread = float(np.std(known))
         # Residuals below this are rounding, not signal: a noise-free series must not alarm.
-        self._resolution = 1e-3 * spread if spread > 0 else 1e-9 * (1.0 + abs(float(known[0])))
+        resolution = 1e-3 * spread
+        self._resolution = resolution if resolution > 0 else 1e-9 * (1.0 + abs(float(known[0])))
         if settings.hold_fraction is not None:
             self.hold = round(settings.hold_fraction * len(raw))
         self._horizons = []
@@ -576,7 +610,9 @@ class AnomalyDetector:
         for t in np.flatnonzero(missing):
             if t >= reach:
                 local = y[t - reach : t + 1]
-                y[t] = self._forecast(horizon, local)[-1]
+                forecast = self._forecast(horizon, local)[-1]
+                if math.isfinite(forecast):  # else (overflow past a huge value): forward fill
+                    y[t] = forecast
         return y
 
     @property
@@ -584,7 +620,7 @@ class AnomalyDetector:
         return -math.log(self.settings.false_alarm_rate)
 
     def _nonconformity(self, absolute_residual: float) -> float:
-        return max(absolute_residual - self._resolution, 0.0)
+        return min(max(absolute_residual - self._resolution, 0.0), _MAX_RESIDUAL)
 
     def score(
         self,
@@ -616,6 +652,18 @@ class AnomalyDetector:
         if not 0 <= start <= n:
             raise DataError(f"start: {start} is not within [0, {n}]", field="start")
         external = _external(expected, n)
+        # Values far beyond the fit segment's range may overflow the forecasts: an infinite
+        # residual counts as `_MAX_RESIDUAL`, a NaN forecast leaves its test out.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._score(raw / self._scale, start, external, self._scale)
+
+    def _score(
+        self, raw: FloatArray, start: int, external: FloatArray | None, scale: float
+    ) -> AnomalyResult:
+        """`score` on the scaled series; `expected` and the bounds come back unscaled."""
+        n = len(raw)
+        if external is not None:
+            external = external / scale
         missing = np.isnan(raw)
         y = self._impute(raw, missing)
         forecasts = [self._forecast(horizon, y) for horizon in self._horizons]
@@ -630,8 +678,9 @@ class AnomalyDetector:
         alarm = self._alarm_surprise
         reported = _hold(-log_p, self.hold, alarm, self.settings.hold_level * alarm)
         # S / (S + S_alpha) never saturates (1 - p is 1.0 in floats once p < 1e-16) and is 0.5
-        # exactly at the flag threshold.
-        score = reported / (reported + self._alarm_surprise) + 0.0  # + 0.0: no -0.0 when p = 1
+        # exactly at the flag threshold; S capped so that S + S_alpha > S in floats.
+        capped = np.minimum(reported, _MAX_SCORE_SURPRISE * alarm)
+        score = capped / (capped + alarm) + 0.0  # + 0.0: no -0.0 when p = 1
         one_step = forecasts[0] if self._horizons[0].h == 1 else _shift(y, 1)
         if external is not None:
             one_step = np.where(np.isnan(external), one_step, external)
@@ -640,9 +689,9 @@ class AnomalyDetector:
             score=score,
             is_anomaly=reported >= self._alarm_surprise,
             p_value=np.exp(log_p),
-            expected=one_step,
-            lower=one_step - half_width,
-            upper=one_step + half_width,
+            expected=one_step * scale,
+            lower=(one_step - half_width) * scale,
+            upper=(one_step + half_width) * scale,
         )
 
     def _log_p_value(
@@ -709,3 +758,41 @@ def _hold(surprise: FloatArray, hold: int, alarm: float, start: float | None = N
         elif s >= start:
             last_alarm, alarm_level = t, float(s)
     return out
+
+
+def detect_on_time_grid(
+    values: npt.ArrayLike,
+    timestamps: npt.ArrayLike | None,
+    settings: DetectorSettings | None = None,
+    *,
+    fit_rows: int,
+    expected: npt.ArrayLike | None = None,
+) -> AnomalyResult:
+    """Fit on a series' first `fit_rows` rows and score every row, on the time grid of
+    `timestamps` (`on_time_grid`; None: the rows are consecutive steps); one entry per input
+    row, in input order. `forecaster detect` and the `/anomaly` endpoint both score this way.
+
+    The detector is fitted on the grid steps before row `fit_rows` (those rows' values and the
+    missing steps between them) and scores the whole grid; gaps longer than
+    `settings.max_gap_fill` steps are shortened. `expected`: a model's one-step forecasts of the
+    input rows (NaN where it has none).
+
+    Raises:
+        DataError: timestamps that are not datetimes or not one per value; a fit segment too
+            short to fit on.
+    """
+    settings = settings or DetectorSettings()
+    y = _as_series(values, "values")
+    if timestamps is None:
+        grid, rows = y, np.arange(len(y), dtype=np.int64)
+    else:
+        grid, rows = on_time_grid(y, timestamps, settings.max_gap_fill)
+    fit_steps = int(rows[fit_rows]) if fit_rows < len(rows) else len(grid)
+    on_grid = None
+    if expected is not None:
+        on_grid = np.full(len(grid), np.nan)
+        on_grid[rows] = np.asarray(expected, dtype=np.float64)
+    detector = AnomalyDetector(settings).fit(
+        grid[:fit_steps], None if on_grid is None else on_grid[:fit_steps]
+    )
+    return detector.score(grid, start=fit_steps, expected=on_grid).take(rows)

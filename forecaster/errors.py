@@ -2,10 +2,13 @@
 
 Every error carries the HTTP status the service maps it to and, where one is known, the name of the
 offending field, so the CLI can print one line and the service can answer
-`{"error", "field", "detail"}`.
+`{"error", "field", "detail"}`. Messages never carry URL credentials (a tracking URI's password
+or token): they are masked as the error is made (`forecaster.redaction.redact`).
 """
 
 from __future__ import annotations
+
+from forecaster.redaction import redact
 
 
 class ForecasterError(Exception):
@@ -16,10 +19,11 @@ class ForecasterError(Exception):
     def __init__(
         self, message: str, *, field: str | None = None, detail: str | None = None
     ) -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
         self.field = field
-        self.detail = detail
+        self.detail = None if detail is None else redact(detail)
 
     def to_dict(self) -> dict[str, str | None]:
         """The JSON body the service returns for this error."""

@@ -29,7 +29,7 @@ from forecaster.anomaly import (
     AnomalyDetector,
     AnomalyResult,
     DetectorSettings,
-    on_time_grid,
+    detect_on_time_grid,
     probationary_length,
 )
 from forecaster.data import ID_COL, TARGET_COL, TIME_COL, read_long
@@ -126,28 +126,19 @@ def detect_series(
     probation: int | None = None,
     expected: npt.ArrayLike | None = None,
 ) -> tuple[AnomalyResult, int]:
-    """`detect_values` on the time grid of `timestamps`; the result has one entry per input row.
-
-    The detector is fitted on the grid steps up to the `probation`-th row (those rows' values
-    and the missing steps between them) and scores the whole grid; gaps longer than
-    `settings.max_gap_fill` steps are shortened (a long outage is not forecast step by step).
-    `expected`: a model's one-step forecasts of the input rows (NaN where it has none).
+    """`forecaster.anomaly.detect_on_time_grid` fitted on the probationary rows (NAB's 15% by
+    default): one entry per input row, and the probation used. The `/anomaly` endpoint scores
+    the same way. `expected`: a model's one-step forecasts of the input rows (NaN where it has
+    none).
 
     Raises:
         DataError: timestamps that are not datetimes or not one per value; a series too short.
     """
-    settings = settings or DetectorSettings()
     y = np.asarray(values, dtype=np.float64)
     if probation is None:
         probation = probationary_length(len(y))
-    grid, rows = on_time_grid(y, timestamps, settings.max_gap_fill)
-    fit_steps = int(rows[probation]) if probation < len(rows) else len(grid)
-    on_grid = None
-    if expected is not None:
-        on_grid = np.full(len(grid), np.nan)
-        on_grid[rows] = np.asarray(expected, dtype=np.float64)
-    result, _ = detect_values(grid, settings, probation=fit_steps, expected=on_grid)
-    return result.take(rows), probation
+    result = detect_on_time_grid(y, timestamps, settings, fit_rows=probation, expected=expected)
+    return result, probation
 
 
 def _scoring_order(

@@ -45,6 +45,7 @@ from forecaster.bundle import (
 from forecaster.calibration import CALIBRATION_FILE
 from forecaster.config import Config
 from forecaster.errors import ForecasterError, TrackingError
+from forecaster.redaction import redact
 from pipelines.prepare import PreparedData
 
 logger = logging.getLogger(__name__)
@@ -725,7 +726,8 @@ def open_tracking(config: Config, uri: str | None = None) -> Tracking:
             )
         else:
             experiment_id = experiment.experiment_id
-    logger.info("tracking %s (%s), experiment '%s'", target.uri, target.source, config.name)
+    shown = redact(target.uri, target.uri)
+    logger.info("tracking %s (%s), experiment '%s'", shown, target.source, config.name)
     return Tracking(
         target=target, client=client, experiment_id=experiment_id, config_name=config.name
     )

@@ -2,6 +2,9 @@
 
 Stateless: each series is fitted on its leading `fit_size` points (taken as normal) and every
 later point is scored causally, as `AnomalyDetector.fit(values[:fit]).score(values, start=fit)`.
+A series sent with `timestamps` is scored on their time grid, as `forecaster detect` scores a
+file (`forecaster.anomaly.detect_on_time_grid`: a gap is missing steps, not a jump); the answer
+has one entry per input point, in input order.
 A series with timestamps (or a start) that the served model knows is screened against the
 model's one-step forecasts (`Runtime.one_step`): their residuals are one more test beside the
 detector's own forecasters' (wherever the model has a complete window), calibrated from the
@@ -16,8 +19,13 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from forecaster.anomaly import PROBATION_FRACTION, AnomalyDetector, DetectorSettings
+from forecaster.anomaly import (
+    PROBATION_FRACTION,
+    DetectorSettings,
+    detect_on_time_grid,
+)
 from forecaster.errors import DataError, ModelError
+from serving.runtime import request_timestamps
 from serving.schemas import AnomalyRequest, AnomalyResponse, AnomalySeriesInput, SeriesAnomalies
 
 __all__ = ["ModelForecasts", "detect"]
@@ -41,8 +49,9 @@ def detect(
     request's `forecaster` and the series allow.
 
     Raises:
-        DataError: too many series, a fit segment as long as the series or too short to fit;
-            `forecaster: model` for a series the model cannot forecast (from `model`).
+        DataError: too many series, a fit segment as long as the series or too short to fit,
+            timestamps out of order; `forecaster: model` for a series the model cannot
+            forecast (from `model`).
         ModelError: invalid detector settings (field `false_alarm_rate` or `season`), or
             `forecaster: model` where no model is served.
         ModelUnavailable: `forecaster: model` and every model failed (from `model`).
@@ -72,15 +81,19 @@ def detect(
                 f"fit_size: {fit} leaves no point of series[{i}] ({n} values) to score",
                 field="fit_size",
             )
+        ns = request_timestamps(series, prefix)
         answer = None
         if model is not None and request.forecaster != "detector":
             answer = model(series, values, prefix, request.forecaster == "model")
         expected, role, version = answer if answer is not None else (None, "detector", None)
         try:
-            detector = AnomalyDetector(settings).fit(
-                values[:fit], None if expected is None else expected[:fit]
+            result = detect_on_time_grid(
+                values,
+                None if ns is None else ns.astype("datetime64[ns]"),
+                settings,
+                fit_rows=fit,
+                expected=expected,
             )
-            result = detector.score(values, start=fit, expected=expected)
         except DataError as exc:
             raise DataError(f"{prefix}.values: {exc.message}", field=f"{prefix}.values") from None
         results.append(

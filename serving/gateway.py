@@ -2,6 +2,10 @@
 
 Pure ASGI (no framework), so it also guards BentoML's own routes. It asks `state()` for the
 running service's settings and readiness; before the service instance exists it answers 503.
+The bearer token is compared as UTF-8 bytes in constant time, the configured one stripped of
+surrounding whitespace (a secret mounted from a file often ends with a newline); one that is
+blank once stripped refuses every request. `/readyz` is open: its detail is shown with the
+tracking URI's credentials redacted.
 The hot routes the state names (`POST /forecast`) are answered here from the body already read,
 skipping the framework's routing, dependency and thread-pool layers (together about a third of
 a one-series request's server time when measured).
@@ -9,13 +13,18 @@ a one-series request's server time when measured).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.settings import ServingSettings
+from forecaster.redaction import redact
+from serving.settings import ENV_NAMES, ServingSettings
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["OPEN_PATHS", "Gateway", "GatewayState", "Handler"]
 
@@ -86,6 +95,7 @@ class Gateway:
         if path == "/readyz":
             status, detail = state.readiness()
             code = 503 if status == "unavailable" else 200
+            detail = redact(detail, state.settings.tracking_uri)
             await _json(counted_send, code, {"status": status, "detail": detail})
             return
         token = state.settings.api_token
@@ -126,13 +136,33 @@ def _is_open(path: str) -> bool:
 
 
 def _authorised(scope: Scope, token: str) -> bool:
+    """Whether the first `Authorization` header is `Bearer <token>` (the header's bytes against
+    the configured token's UTF-8 bytes, stripped, in constant time)."""
+    expected = _expected_token(token)
     for name, value in scope.get("headers", []):
         if name == b"authorization":
-            scheme, _, given = value.decode("latin-1").partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(
-                given.strip().encode(), token.encode()
+            scheme, _, given = bytes(value).partition(b" ")
+            return (
+                expected is not None
+                and scheme.lower() == b"bearer"
+                and hmac.compare_digest(given.strip(), expected)
             )
     return False
+
+
+@functools.lru_cache(maxsize=4)
+def _expected_token(token: str) -> bytes | None:
+    """The configured token's UTF-8 bytes without surrounding whitespace; None (every request
+    refused) when nothing else is left."""
+    stripped = token.strip()
+    if not stripped:
+        logger.error(
+            "%s is blank once stripped of whitespace: every request but the probes gets 401; "
+            "set a token or leave the variable unset for no auth",
+            ENV_NAMES["api_token"],
+        )
+        return None
+    return stripped.encode("utf-8")
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:

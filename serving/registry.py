@@ -1,7 +1,9 @@
 """The one MLflow touch point of serving: resolve a registry alias and download its version.
 
 A version is downloaded once into `<download_dir>/<name>/v<version>` (staged in a temporary
-folder and renamed, so a folder that exists is complete) and reused on later (re)loads.
+folder and renamed, so a folder that exists is complete) and reused on later (re)loads; when
+another process sharing the folder (a second replica) renamed its download there first, that one
+is used. Messages never show the tracking URI's credentials (`forecaster.redaction.redact`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from forecaster.bundle import MODEL_FILE, find_bundle
 from forecaster.errors import ModelUnavailable
+from forecaster.redaction import redact
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +43,13 @@ def fetch_alias(tracking_uri: str, name: str, alias: str, download_dir: Path) ->
 
     Raises:
         ModelUnavailable: the registry is unreachable, the alias is not set, or the download
-            holds no `model.onnx`; the message names the URI and the alias.
+            holds no `model.onnx`; the message names the URI (credentials redacted) and the
+            alias.
     """
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
-    where = f"models:/{name}@{alias} at {tracking_uri}"
+    where = f"models:/{name}@{alias} at {redact(tracking_uri, tracking_uri)}"
     try:
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         version = str(client.get_model_version_by_alias(name, alias).version)
@@ -58,15 +62,30 @@ def fetch_alias(tracking_uri: str, name: str, alias: str, download_dir: Path) ->
                 download_artifacts(
                     artifact_uri=artifact_uri, dst_path=str(staging), tracking_uri=tracking_uri
                 )
-                staging.replace(target)
+                _install(staging, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            logger.info("downloaded %s v%s to %s", name, version, target)
     except Exception as exc:  # MLflow, HTTP and file errors alike: this alias cannot be served
-        first = (str(getattr(exc, "message", exc)).strip().splitlines() or [type(exc).__name__])[0]
+        text = redact(str(getattr(exc, "message", exc)).strip(), tracking_uri)
+        first = (text.splitlines() or [type(exc).__name__])[0]
         raise ModelUnavailable(f"{where}: {first[:300]}", field=alias) from exc
     folder = find_bundle(target)
     if folder is None:
         raise ModelUnavailable(f"{where}: version {version} holds no {MODEL_FILE}", field=alias)
     return RegisteredModel(name=name, alias=alias, version=version, folder=folder)
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Rename the finished download `staging` to `target`. When another process renamed its
+    download of the same version to `target` meanwhile (rename refuses a non-empty folder), that
+    one is kept, complete as every renamed folder is, and `staging` is removed."""
+    try:
+        staging.replace(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        logger.info("%s was downloaded by another process meanwhile; using it", target)
+        return
+    logger.info("downloaded %s", target)

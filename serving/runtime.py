@@ -44,6 +44,7 @@ from forecaster.inference import (
     model_metadata,
     open_session,
 )
+from forecaster.redaction import redact
 from forecaster.transform import (
     PreprocessingSpec,
     SeriesTransform,
@@ -81,6 +82,7 @@ __all__ = [
     "one_step_forecasts",
     "prefer_cpu",
     "prepare_batch",
+    "request_timestamps",
 ]
 
 Role = Literal["champion", "fallback"]
@@ -221,7 +223,7 @@ def _bundle_file(folder: Path, name: str) -> Path:
 def _fingerprint(folder: Path) -> str:
     """Names, sizes and modification times of the bundle's files: changes when any is replaced."""
     parts = []
-    for name in (MODEL_FILE, PREPROCESSING_FILE, METADATA_FILE, CALIBRATION_FILE):
+    for name in (MODEL_FILE, STEP_MODEL_FILE, PREPROCESSING_FILE, METADATA_FILE, CALIBRATION_FILE):
         path = _bundle_file(folder, name)
         if path.is_file():
             stat = path.stat()
@@ -251,11 +253,43 @@ def load_model(
     """Open a bundle folder's window model, read its JSON files and warm the session up; on
     CUDA with `cuda_min_rows` > 0, also a CPU session for calls of fewer series.
 
+    A local bundle (no registry `version`) can be swapped while it is read (a retrain writing
+    it, `forecaster.files.replace_dir`): its files' fingerprint is taken before and after, and a
+    load that straddled a swap is done again, so the model never mixes two bundles' files.
+
     Raises:
         ModelUnavailable: a file is missing or invalid, the model's metadata disagrees with the
-            bundle's, or the warm-up forecast is not finite.
+            bundle's, the warm-up forecast is not finite, or the folder changed during each of
+            `_LOAD_TRIES` loads.
     """
     folder = Path(folder)
+    for _ in range(_LOAD_TRIES):
+        before = version or _fingerprint(folder)
+        model = _load_once(
+            role, folder, source, version, device, intra_op_threads, cuda_min_rows, before
+        )
+        if version is not None or _fingerprint(folder) == before:
+            return model
+        logger.info("%s: bundle %s changed while it was loaded; loading it again", role, folder)
+    raise ModelUnavailable(
+        f"bundle folder {str(folder)!r} changed during each of {_LOAD_TRIES} loads", field=role
+    )
+
+
+_LOAD_TRIES = 3
+
+
+def _load_once(
+    role: Role,
+    folder: Path,
+    source: str | None,
+    version: str | None,
+    device: Literal["auto", "cpu", "cuda"],
+    intra_op_threads: int | None,
+    cuda_min_rows: int,
+    fingerprint: str,
+) -> LoadedModel:
+    """One read of the bundle (`load_model`); `fingerprint` identifies what it read."""
     if not folder.is_dir():
         raise ModelUnavailable(f"bundle folder {str(folder)!r} does not exist", field=role)
     metadata = _read_metadata(_bundle_file(folder, METADATA_FILE))
@@ -307,7 +341,7 @@ def load_model(
         spec=spec,
         metadata=metadata,
         calibration=calibration,
-        fingerprint=version or _fingerprint(folder),
+        fingerprint=fingerprint,
         cpu_window=cpu_window,
         cuda_min_rows=cuda_min_rows,
         grids={uid: _Grid.of(series) for uid, series in spec.series.items()},
@@ -326,19 +360,30 @@ class _Failed:
 
 @dataclass(frozen=True)
 class ModelSet:
-    """Champion and fallback as loaded at one moment (immutable; a reload builds a new one)."""
+    """Champion and fallback as loaded at one moment (immutable; a reload builds a new one).
+
+    `stale` says, per role, why the last reload could not refresh a model it kept serving (its
+    registry alias could not be resolved or downloaded).
+    """
 
     champion: LoadedModel | _Failed
     fallback: LoadedModel | _Failed
     loaded_at: str
+    stale: dict[Role, str] = field(default_factory=dict)
 
     def loaded(self) -> list[LoadedModel]:
         """The loaded models, champion first."""
         return [m for m in (self.champion, self.fallback) if isinstance(m, LoadedModel)]
 
     def infos(self) -> list[ModelInfo]:
-        """`/model`'s view of both roles."""
-        return [self.champion.info(), self.fallback.info()]
+        """`/model`'s view of both roles; a kept model's `error` says why it was not refreshed."""
+        infos = []
+        for model in (self.champion, self.fallback):
+            info = model.info()
+            if model.role in self.stale:
+                info = info.model_copy(update={"error": _stale(model.role, self.stale)})
+            infos.append(info)
+        return infos
 
 
 # --------------------------------------------------------------------------- requests
@@ -377,7 +422,24 @@ def _timestamps_ns(
             raise DataError(f"{prefix}: give 'timestamps' or 'start'", field=f"{prefix}.start")
         first = _naive_ns([series.start], f"{prefix}.start")[0]
         return first + np.arange(len(series.values), dtype=np.int64) * step_ns
-    ns = _naive_ns(series.timestamps, f"{prefix}.timestamps")
+    return _increasing_ns(series.timestamps, prefix)
+
+
+def request_timestamps(
+    series: SeriesInput | AnomalySeriesInput, prefix: str
+) -> npt.NDArray[np.int64] | None:
+    """A series' `timestamps` as `[n]` integer ns, naive UTC (None when it sends none).
+
+    Raises:
+        DataError: a timestamp out of range, repeated or before the previous one (field
+            `<prefix>.timestamps`, the message names the row).
+    """
+    return None if series.timestamps is None else _increasing_ns(series.timestamps, prefix)
+
+
+def _increasing_ns(timestamps: Sequence[datetime], prefix: str) -> npt.NDArray[np.int64]:
+    """`timestamps` as integer ns, naive UTC; strictly increasing or a `DataError`."""
+    ns = _naive_ns(timestamps, f"{prefix}.timestamps")
     steps = np.diff(ns)
     bad = np.flatnonzero(steps <= 0)
     if bad.size:
@@ -843,6 +905,45 @@ def one_step_forecasts(
     return out
 
 
+def _unanswerable(
+    model: LoadedModel,
+    spec: SeriesTransform,
+    series: AnomalySeriesInput,
+    ns: npt.NDArray[np.int64],
+    prefix: str,
+) -> DataError | None:
+    """Why `model` can forecast no point of an anomaly request's series (its `start` or a
+    timestamp off the model's grid, or no more than `lookback + d` points), as the 4xx to
+    answer when its forecasts are required; None when it can try."""
+    field = f"{prefix}.start" if series.timestamps is None else f"{prefix}.timestamps"
+    try:  # `start`: every later point is as far off the grid as the first
+        stamps = (ns[:1] if series.timestamps is None else ns).astype("datetime64[ns]")
+        steps_since_anchor(spec, stamps, series_id=series.unique_id)
+    except DataError as exc:
+        return DataError(f"{field}: {exc.message}", field=field)
+    d, need, n = spec.difference, model.lookback + spec.difference, len(series.values)
+    if n <= need:
+        return DataError(
+            f"{prefix}.values: {n} points are too few for the model's one-step forecasts; a "
+            f"point needs the {need} before it (lookback {model.lookback}"
+            + (f" + differencing order {d})" if d else ")")
+            + f", so send more than {need}",
+            field=f"{prefix}.values",
+        )
+    return None
+
+
+def _no_complete_window(model: LoadedModel, spec: SeriesTransform, prefix: str) -> DataError:
+    """The 4xx for a series none of whose points has a complete window before it."""
+    need = model.lookback + spec.difference
+    return DataError(
+        f"{prefix}.values: no point has the {need} known, consecutive points on the model's "
+        f"{spec.step_s:g} s grid before it that its one-step forecast needs (missing values "
+        "or timestamp gaps break every window)",
+        field=f"{prefix}.values",
+    )
+
+
 # --------------------------------------------------------------------------- the runtime
 
 
@@ -895,16 +996,21 @@ class Runtime:
             return changed
 
     def status(self) -> tuple[Status, str]:
-        """`ready` (champion answers), `degraded` (fallback answers), `unavailable` (none)."""
+        """`ready` (champion answers), `degraded` (fallback answers), `unavailable` (none); the
+        detail also names a kept model the last reload could not refresh."""
         models = self._models
         if not models.loaded():
             return "unavailable", "no model is loaded: " + _errors(models)
+        stale = "".join(f"; {_stale(role, models.stale)}" for role in models.stale)
         if not isinstance(models.champion, LoadedModel):
-            return "degraded", f"fallback answers; champion: {models.champion.error}"
+            return "degraded", f"fallback answers; champion: {models.champion.error}{stale}"
         failing = self._health.champion_failing
         if failing is not None and isinstance(models.fallback, LoadedModel):
-            return "degraded", f"fallback answers; champion's last call failed: {failing}"
-        return "ready", f"champion {models.champion.source} answers"
+            return (
+                "degraded",
+                f"fallback answers; champion's last call failed: {failing}{stale}",
+            )
+        return "ready", f"champion {models.champion.source} answers{stale}"
 
     def forecast(self, request: ForecastRequest) -> ForecastResponse:
         """Answer with the champion, else the fallback.
@@ -960,12 +1066,14 @@ class Runtime:
         """The one-step forecasts of every point of an anomaly request's series by the champion,
         else the fallback (`one_step_forecasts`), with the role and source of the model that
         gave them (`serving.detect.ModelForecasts`; `values` are the series' values, NaN where
-        missing); None when no model can (no timestamps, unknown series, no model loaded, every
-        model failed) and they are not `required`.
+        missing); None when no model can (no timestamps, unknown series, timestamps off the
+        model's grid, too few points, no model loaded, every model failed) and they are not
+        `required`. A model that forecasts no point of the series has not answered.
 
         Raises:
-            DataError: bad timestamps; `required` and the series has no timestamps or start, or
-                no loaded model knows it.
+            DataError: bad timestamps; `required` and the series has no timestamps or start, no
+                loaded model knows it, its start or a timestamp is off the model's grid, or no
+                point has `lookback + d` known consecutive points before it.
             ModelUnavailable: `required` and no model is loaded or every model failed.
         """
         uid = series.unique_id
@@ -983,10 +1091,16 @@ class Runtime:
             if required:
                 raise ModelUnavailable("no model is loaded: " + _errors(models))
             return None
-        failures = []
+        failures: list[str] = []
+        refusals: list[DataError] = []  # input the model cannot forecast: 4xx, not a failure
         known = [model for model in loaded if uid in model.spec.series]
         for model in known:
-            ns = _timestamps_ns(series, model.spec.series[uid].step_ns, prefix)
+            spec = model.spec.series[uid]
+            ns = _timestamps_ns(series, spec.step_ns, prefix)
+            refusal = _unanswerable(model, spec, series, ns, prefix) if required else None
+            if refusal is not None:
+                refusals.append(refusal)
+                continue
             started = time.perf_counter()
             try:
                 expected = one_step_forecasts(
@@ -996,6 +1110,9 @@ class Runtime:
                 failures.append(self._failed(model, exc, "on anomaly forecasts"))
                 continue
             self.observer.inference(model.role, time.perf_counter() - started)
+            if not np.isfinite(expected).any():
+                refusals.append(_no_complete_window(model, spec, prefix))
+                continue
             if model.role == "fallback" and not isinstance(models.champion, LoadedModel):
                 self.observer.fallback("champion_unavailable")
             elif model.role == "fallback" and failures:
@@ -1008,6 +1125,8 @@ class Runtime:
                 f"{prefix}.unique_id: series {uid!r} is unknown to the served models",
                 field=f"{prefix}.unique_id",
             )
+        if refusals:
+            raise refusals[0]
         raise ModelUnavailable("every model failed: " + "; ".join(failures))
 
     def close(self) -> None:
@@ -1087,14 +1206,22 @@ class Runtime:
 
     def _build(self, previous: ModelSet | None) -> ModelSet:
         settings = self.settings
-        champion = self._load("champion", settings.champion_bundle, previous)
-        fallback = self._load("fallback", settings.fallback_bundle, previous)
+        stale: dict[Role, str] = {}
+        champion = self._load("champion", settings.champion_bundle, previous, stale)
+        fallback = self._load("fallback", settings.fallback_bundle, previous, stale)
         loaded_at = datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
-        return ModelSet(champion=champion, fallback=fallback, loaded_at=loaded_at)
+        return ModelSet(champion=champion, fallback=fallback, loaded_at=loaded_at, stale=stale)
 
     def _load(
-        self, role: Role, bundle: Path | None, previous: ModelSet | None
+        self,
+        role: Role,
+        bundle: Path | None,
+        previous: ModelSet | None,
+        stale: dict[Role, str],
     ) -> LoadedModel | _Failed:
+        """The model of `role` now: reused when unchanged, else loaded. When its registry alias
+        cannot be resolved or downloaded (an outage, say), a model `previous` holds for the
+        role is kept and `stale[role]` says why it was not refreshed; else the role fails."""
         settings = self.settings
         old = getattr(previous, role) if previous is not None else None
         source = str(bundle) if bundle is not None else "not configured"
@@ -1104,8 +1231,19 @@ class Runtime:
                 from serving.registry import fetch_alias
 
                 tracking_uri = settings.tracking_uri or ""
-                source = f"models:/{settings.model_name}@{role} at {tracking_uri}"
-                fetched = fetch_alias(tracking_uri, settings.model_name, role, self._download_dir)
+                source = (
+                    f"models:/{settings.model_name}@{role} at {redact(tracking_uri, tracking_uri)}"
+                )
+                try:
+                    fetched = fetch_alias(
+                        tracking_uri, settings.model_name, role, self._download_dir
+                    )
+                except ForecasterError as exc:
+                    if not isinstance(old, LoadedModel):
+                        raise
+                    logger.warning("%s not refreshed, %s kept: %s", role, old.source, exc.message)
+                    stale[role] = exc.message
+                    return old
                 folder, version, source = fetched.folder, fetched.version, fetched.uri
             elif bundle is None:
                 return _Failed(role=role, source=source, error=f"no {role} bundle configured")
@@ -1144,6 +1282,10 @@ def _identity(model: LoadedModel | _Failed) -> tuple[str, str]:
     if isinstance(model, LoadedModel):
         return (model.source, model.fingerprint)
     return (model.source, "failed: " + model.error)
+
+
+def _stale(role: Role, stale: dict[Role, str]) -> str:
+    return f"{role} kept, the last reload could not refresh it: {stale[role]}"
 
 
 def _errors(models: ModelSet) -> str:

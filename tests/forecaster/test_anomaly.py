@@ -497,3 +497,52 @@ def test_model_forecasts_of_the_wrong_length_are_refused() -> None:
     y = _seasonal(600)
     with pytest.raises(DataError, match="expected: 10 forecasts for 300 values"):
         AnomalyDetector().fit(y[:300], expected=np.zeros(10))
+
+
+def test_values_of_opposite_huge_magnitudes_are_scored() -> None:
+    # Their differences overflowed: no usable row, a singular ridge system (LinAlgError).
+    y = np.array([1e308, -1e308] * 200)
+    result = _fitted(y, 60).score(y, start=60)
+    assert np.isfinite(result.score).all()
+    assert ((result.score >= 0) & (result.score < 1)).all()
+    assert np.isfinite(result.expected[60:]).all()
+
+
+@pytest.mark.parametrize("at", [300, 50], ids=["scored", "in_fit"])
+def test_a_spike_at_the_largest_float_gets_a_score_below_one(at: int) -> None:
+    y = _seasonal(400)
+    y[at] = 1e308
+    with np.errstate(over="raise", invalid="raise"):  # the fit overflows nowhere
+        result = _fitted(y, 100).score(y, start=100)
+    assert np.isfinite(result.score).all()
+    assert ((result.score >= 0) & (result.score < 1)).all()
+    if at >= 100:
+        assert result.is_anomaly[at]
+        assert result.score[at] == result.score.max()
+
+
+@pytest.mark.parametrize("factor", [2.0**300, 2.0**-300, 1e300, 1e-300])
+def test_scores_do_not_depend_on_the_magnitude_of_the_values(factor: float) -> None:
+    y = _seasonal(600, seed=1)
+    y[400] += 5
+    base = _fitted(y, 150).score(y, start=150)
+    scaled = _fitted(y * factor, 150).score(y * factor, start=150)
+    np.testing.assert_allclose(scaled.score, base.score, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(scaled.is_anomaly, base.is_anomaly)
+    np.testing.assert_allclose(scaled.expected / factor, base.expected, rtol=1e-12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(
+        st.floats(allow_nan=False, allow_infinity=False) | st.floats(-1e3, 1e3),
+        min_size=120,
+        max_size=200,
+    )
+)
+def test_score_is_in_unit_interval_for_any_finite_magnitudes(values: list[float]) -> None:
+    y = np.asarray(values)
+    result = _fitted(y, 80).score(y, start=80)
+    assert np.isfinite(result.score).all()
+    assert ((result.score >= 0) & (result.score < 1)).all()
+    np.testing.assert_array_equal(result.is_anomaly, result.score >= 0.5)

@@ -59,8 +59,31 @@ def test_anomaly_answers_equal_the_in_process_detector(server: Any) -> None:
         ({"series": [{"unique_id": "a", "values": [1.0] * 50}], "season": 1}, 400, "season"),
         ({"series": [{"unique_id": "a", "values": ["x"]}]}, 422, "series[0].values[0]"),
         ({"series": []}, 422, "series"),
+        (
+            {
+                "series": [
+                    {
+                        "unique_id": "a",
+                        "values": [1.0] * 3,
+                        "timestamps": ["2024-01-01T02:00", "2024-01-01T01:00", "2024-01-01T03:00"],
+                    }
+                ],
+                "fit_size": 1,
+                "forecaster": "detector",
+            },
+            422,
+            "series[0].timestamps",
+        ),
     ],
-    ids=["fit_covers_all", "fit_too_short", "rate_one", "season_one", "value_text", "no_series"],
+    ids=[
+        "fit_covers_all",
+        "fit_too_short",
+        "rate_one",
+        "season_one",
+        "value_text",
+        "no_series",
+        "unsorted_timestamps",
+    ],
 )
 def test_bad_anomaly_input_is_a_4xx_naming_the_field(
     server: Any, payload: dict[str, Any], status: int, field: str
@@ -250,3 +273,140 @@ def test_the_documented_anomaly_example_is_answered_on_the_models_forecasts(serv
     (result,) = response.json()["series"]
     assert result["forecaster"] == "champion"
     assert result["is_anomaly"][-1] is True  # the final 95.0 after a daily pattern near 70-76
+
+
+# --------------------------------------------------------------------------- off the model
+
+
+def _off_grid(stamp: str) -> str:
+    return str(np.datetime64(stamp) + np.timedelta64(30, "m"))
+
+
+def _required_items(bundles: Any, kit: Any) -> list[tuple[str, dict[str, Any], str]]:
+    """(id, series the model cannot forecast a single point of, the field the 4xx names)."""
+    item = kit.series_payload(bundles, "plant_000", points=80)
+    stamped = kit.series_payload(bundles, "plant_000", points=80, timestamps=True)
+    need = kit.LOOKBACK + 1  # the tiny config differences once
+    holes = [None if i % 10 == 5 else v for i, v in enumerate(item["values"])]
+    return [
+        ("start_off_grid", {**item, "start": _off_grid(item["start"])}, "series[0].start"),
+        (
+            "timestamps_off_grid",
+            {**stamped, "timestamps": [_off_grid(t) for t in stamped["timestamps"]]},
+            "series[0].timestamps",
+        ),
+        ("too_short", {**item, "values": item["values"][:need]}, "series[0].values"),
+        ("no_complete_window", {**item, "values": holes}, "series[0].values"),
+    ]
+
+
+def test_anomaly_forecaster_model_refuses_a_series_the_model_cannot_forecast(
+    server: Any, bundles: Any, kit: Any
+) -> None:
+    """Off the model's grid, too short, or no complete window anywhere: the model gives no
+    forecast, so `forecaster: model` is a 422 naming the field, not the detector's answer
+    labelled as the champion's."""
+    for name, item, field in _required_items(bundles, kit):
+        response = server.post(
+            "/anomaly", json={"series": [item], "fit_size": 1, "forecaster": "model"}
+        )
+        assert response.status_code == 422, (name, response.text)
+        body = response.json()
+        assert body["field"] == field, (name, body)
+        assert body["error"].startswith(field), (name, body)
+    _, short, _ = _required_items(bundles, kit)[2]
+    error = server.post(
+        "/anomaly", json={"series": [short], "fit_size": 1, "forecaster": "model"}
+    ).json()["error"]
+    assert "too few" in error
+    assert f"more than {kit.LOOKBACK + 1}" in error
+
+
+def test_anomaly_auto_answers_with_the_detector_where_the_model_forecasts_nothing(
+    server: Any, bundles: Any, kit: Any
+) -> None:
+    for name, item, _ in _required_items(bundles, kit):
+        if name == "too_short":  # too short for the detector's fit segment as well
+            continue
+        response = server.post("/anomaly", json={"series": [item], "fit_size": 50})
+        assert response.status_code == 200, (name, response.text)
+        (result,) = response.json()["series"]
+        assert result["forecaster"] == "detector", name
+        assert result["model_version"] is None, name
+        alone = server.post(
+            "/anomaly", json={"series": [item], "fit_size": 50, "forecaster": "detector"}
+        ).json()["series"][0]
+        assert result == alone, name
+
+
+# --------------------------------------------------------------------------- the time grid
+
+
+def _gapped_sine() -> tuple[Any, Any]:
+    """An hourly daily sine with three 12-hour gaps (the review's case)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    ts = pd.date_range("2024-01-01", periods=1200, freq="h")
+    y = 50 + 10 * np.sin(2 * np.pi * np.arange(1200) / 24) + rng.normal(0, 0.3, 1200)
+    keep = np.ones(1200, dtype=bool)
+    for gap in (700, 900, 1050):
+        keep[gap : gap + 12] = False
+    return ts[keep], y[keep]
+
+
+def test_anomaly_scores_on_the_time_grid_as_the_detect_command_does(server: Any) -> None:
+    """Timestamps with gaps: one score per input row, equal to `forecaster detect`'s
+    (`detect_series`, the series on the time grid of its timestamps); the first row after a
+    gap is not a jump."""
+    from pipelines.detect import detect_series
+
+    ts, y = _gapped_sine()
+    fit = 180
+    item = {"unique_id": "sensor", "values": y.tolist(), "timestamps": [t.isoformat() for t in ts]}
+    response = server.post("/anomaly", json={"series": [item], "fit_size": fit})
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["series"]
+    assert result["forecaster"] == "detector"
+    assert len(result["score"]) == len(y) - fit
+    cli, _ = detect_series(y, ts.values, probation=fit)
+    np.testing.assert_allclose(result["score"], cli.score[fit:], rtol=1e-12, atol=1e-12)
+    assert result["is_anomaly"] == cli.is_anomaly[fit:].tolist()
+    expected = np.array(result["expected"], dtype=float)
+    np.testing.assert_allclose(expected, cli.expected[fit:], rtol=1e-12, equal_nan=True)
+    after_gaps = [700, 888, 1026]  # rows, once 12, 24 and 36 hours are gone
+    assert not any(result["is_anomaly"][row - fit] for row in after_gaps)
+
+
+def test_anomaly_on_the_model_scores_a_gapped_series_as_detect_with_the_bundle(
+    server: Any, bundles: Any, kit: Any
+) -> None:
+    """A known series with a timestamp gap: the model's one-step forecasts of the input rows
+    on the time grid, as `forecaster detect --bundle` scores them."""
+    from pipelines.detect import detect_series
+    from serving.runtime import one_step_forecasts
+
+    ds, y = bundles.history["plant_000"]
+    keep = np.ones(300, dtype=bool)
+    keep[200:205] = False  # five hours missing
+    ds, y = ds[-300:][keep], y[-300:][keep]
+    fit = 100
+    item = {
+        "unique_id": "plant_000",
+        "values": y.tolist(),
+        "timestamps": [kit.format_timestamp(t) for t in ds],
+    }
+    response = server.post("/anomaly", json={"series": [item], "fit_size": fit})
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["series"]
+    assert result["forecaster"] == "champion"
+    ns = ds.astype("datetime64[ns]").astype(np.int64)
+    model_forecasts = one_step_forecasts(_model(bundles), "plant_000", y, ns)
+    assert np.isfinite(model_forecasts[199])
+    assert np.isnan(model_forecasts[200])  # the gap breaks the windows after it
+    cli, _ = detect_series(y, ds, probation=fit, expected=model_forecasts)
+    np.testing.assert_allclose(result["score"], cli.score[fit:], rtol=1e-9, atol=1e-12)
+    assert result["is_anomaly"] == cli.is_anomaly[fit:].tolist()
+    np.testing.assert_allclose(
+        np.array(result["expected"], dtype=float), cli.expected[fit:], rtol=1e-9, equal_nan=True
+    )

@@ -236,3 +236,31 @@ def test_server_started_without_any_model_is_not_ready(
     response = server.post("/forecast", json={"series": [kit.series_payload(bundles, "plant_000")]})
     assert response.status_code == 503
     assert response.json()["error"].startswith("no model is loaded")
+
+
+def test_a_bundle_swapped_while_it_loads_is_read_again_whole(
+    bundles: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The served folder is replaced (as `forecaster train` replaces a bundle) between reading
+    its metadata and its preprocessing: the model loaded is the new bundle throughout, never
+    the old metadata with the new graph or calibration."""
+    import serving.runtime
+    from forecaster.files import replace_dir
+    from serving.runtime import _fingerprint, load_model
+
+    served = Path(shutil.copytree(bundles.champion, tmp_path / "served"))  # feedback, calibrated
+    new = Path(shutil.copytree(bundles.fallback, tmp_path / ".new"))  # bptt, uncalibrated
+    real_load = serving.runtime.PreprocessingSpec.load
+    swaps = []
+
+    def swap_then_load(path: Path) -> Any:
+        if not swaps:
+            swaps.append(replace_dir(new, served))
+        return real_load(path)
+
+    monkeypatch.setattr(serving.runtime.PreprocessingSpec, "load", staticmethod(swap_then_load))
+    model = load_model("champion", served, device="cpu")
+    assert swaps == [served]
+    assert model.metadata.training_method == "bptt"
+    assert model.calibration is None
+    assert model.fingerprint == _fingerprint(served)

@@ -117,3 +117,163 @@ def test_reload_picks_up_a_newly_promoted_champion(
     assert body["model"] == "champion"
     assert body["model_version"] == f"models:/{registry.name}/{versions['fallback']}"
     np.testing.assert_allclose(body["forecasts"][0]["point"], point, rtol=1e-6, atol=1e-6)
+
+
+def test_reload_during_a_registry_outage_keeps_the_loaded_models(
+    registry: Registry,
+    bundles: Any,
+    kit: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The registry unreachable at a reload (its lookup raises as a dropped connection does):
+    each role keeps the model it had, carried states included, and the status and `/model`'s
+    infos say why it was not refreshed; a runtime started during the outage has no model."""
+    from mlflow import MlflowClient
+
+    from forecaster.errors import ModelUnavailable
+    from serving.runtime import Runtime
+    from serving.schemas import ForecastRequest
+    from serving.settings import ServingSettings
+
+    settings = ServingSettings(
+        model_name=registry.name,
+        tracking_uri=registry.uri,
+        download_dir=tmp_path,
+        device="cpu",
+        state_cache_size=8,
+    )
+    request = ForecastRequest.model_validate({"series": [kit.series_payload(bundles, "plant_000")]})
+    runtime = Runtime(settings)
+    try:
+        before = runtime.forecast(request)
+        assert runtime.status()[0] == "ready"
+        models = runtime.models
+        assert len(runtime.state_cache) == 1
+
+        def unreachable(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("HTTPConnectionPool(host='mlflow', port=5000): Max retries")
+
+        with monkeypatch.context() as outage:
+            outage.setattr(MlflowClient, "get_model_version_by_alias", unreachable)
+            assert runtime.reload() is False
+            assert runtime.models.champion is models.champion
+            assert runtime.models.fallback is models.fallback
+            assert len(runtime.state_cache) == 1
+            status, detail = runtime.status()
+            assert status == "ready"
+            for role in ("champion", "fallback"):
+                assert f"{role} kept, the last reload could not refresh it" in detail
+            assert "Max retries" in detail
+            for info in runtime.models.infos():
+                assert info.loaded is True
+                assert "could not refresh it" in (info.error or "")
+                assert "Max retries" in (info.error or "")
+            after = runtime.forecast(request)
+            assert after.model == "champion"
+            assert after.model_version == before.model_version
+            np.testing.assert_allclose(
+                after.forecasts[0].point, before.forecasts[0].point, rtol=1e-4, atol=1e-4
+            )
+            fresh = Runtime(settings)  # no model held before the outage: the roles fail
+            try:
+                assert fresh.status()[0] == "unavailable"
+                assert "Max retries" in fresh.status()[1]
+                with pytest.raises(ModelUnavailable, match="no model is loaded"):
+                    fresh.forecast(request)
+            finally:
+                fresh.close()
+        assert runtime.reload() is False  # the registry is back, the versions unchanged
+        status, detail = runtime.status()
+        assert status == "ready"
+        assert "could not refresh" not in detail
+        assert all(info.error is None for info in runtime.models.infos())
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        "postgresql://mlflow:hunter2-pw@127.0.0.1:{port}/mlflow",
+        "https://ci:hunter2-pw@127.0.0.1:{port}/",
+    ],
+)
+def test_a_registry_failure_names_the_uri_without_its_credentials(
+    scheme: str, tmp_path: Path, kit: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forecaster.errors import ModelUnavailable
+    from serving.registry import fetch_alias
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = scheme.format(port=kit.free_port())  # nothing listens there
+    with pytest.raises(ModelUnavailable) as caught:
+        fetch_alias(uri, "demo", "champion", tmp_path)
+    message = caught.value.message
+    assert "hunter2" not in message
+    assert message.startswith(f"models:/demo@champion at {uri.replace('hunter2-pw', '***')}: ")
+
+
+def _download_then(monkeypatch: pytest.MonkeyPatch, after: Callable[[Path], None]) -> list[Path]:
+    """Patch MLflow's download so that `after(staging)` runs once each download is complete;
+    the staging folders used, in call order."""
+    import mlflow.artifacts
+
+    real = mlflow.artifacts.download_artifacts
+    staged: list[Path] = []
+
+    def download(*args: Any, dst_path: str, **kwargs: Any) -> str:
+        answer = real(*args, dst_path=dst_path, **kwargs)
+        staged.append(Path(dst_path))
+        after(Path(dst_path))
+        return str(answer)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
+    return staged
+
+
+def test_a_version_another_process_downloaded_meanwhile_is_used(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second replica sharing the download folder renames its copy of the version into place
+    between this one's check and its rename: this one uses that copy and drops its own."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from serving.registry import fetch_alias
+
+    client = MlflowClient(tracking_uri=registry.uri, registry_uri=registry.uri)
+    version = client.get_model_version_by_alias(registry.name, "champion").version
+    target = tmp_path / registry.name / f"v{version}"
+    staged = _download_then(monkeypatch, lambda staging: shutil.copytree(staging, target))
+    fetched = fetch_alias(registry.uri, registry.name, "champion", tmp_path)
+    assert len(staged) == 1
+    assert not staged[0].exists()
+    assert fetched.folder.is_relative_to(target)
+    assert (fetched.folder / "model.onnx").is_file()
+    assert [p.name for p in (tmp_path / registry.name).iterdir()] == [f"v{version}"]
+
+
+def test_two_concurrent_downloads_into_one_folder_both_succeed(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas (threads here) both find the version missing and download it; whichever
+    renames second uses the first one's folder."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.registry import fetch_alias
+
+    both_downloaded = threading.Barrier(2, timeout=60)
+    staged = _download_then(monkeypatch, lambda staging: both_downloaded.wait())
+    with ThreadPoolExecutor(2) as pool:
+        futures = [
+            pool.submit(fetch_alias, registry.uri, registry.name, "champion", tmp_path)
+            for _ in range(2)
+        ]
+        first, second = (future.result(timeout=120) for future in futures)
+    assert len(staged) == 2
+    assert first.folder == second.folder
+    assert (first.folder / "model.onnx").is_file()
+    assert len(list((tmp_path / registry.name).iterdir())) == 1
