@@ -331,7 +331,8 @@ def test_resume_between_estimates_records_the_same_spectral_radii(
 
     assert radii(resumed) == radii(whole)
     assert all(None not in pair for pair in radii(resumed))
-    assert resumed.feedback is not None and whole.feedback is not None
+    assert resumed.feedback is not None
+    assert whole.feedback is not None
     assert resumed.feedback.spectral_radius == whole.feedback.spectral_radius
 
 
