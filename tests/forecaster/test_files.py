@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,17 +69,7 @@ def test_a_crash_while_replacing_never_leaves_no_folder(
     """Killed after the first rename (the second one never happens) or before the old copy is
     deleted: the folder is there, old or new, whole."""
     folder = _bundle(tmp_path / "bundle", "v1")
-    renames = 0
-    real_replace = Path.replace
-
-    def second_rename_dies(self: Path, target: str | Path) -> Path:
-        nonlocal renames
-        renames += 1
-        if renames == 2:
-            raise KeyboardInterrupt
-        return real_replace(self, target)
-
-    monkeypatch.setattr(Path, "replace", second_rename_dies)
+    monkeypatch.setattr(Path, "replace", _second_rename_dies())
     monkeypatch.setattr(forecaster.files.shutil, "rmtree", _raise_interrupt)
     with pytest.raises(KeyboardInterrupt):
         replace_dir(_bundle(tmp_path / ".stage", "v2"), folder)
@@ -89,23 +80,28 @@ def _raise_interrupt(*args: object, **kwargs: object) -> None:
     raise KeyboardInterrupt
 
 
-def test_without_an_exchange_an_interrupted_swap_is_restored_by_the_next_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(forecaster.files, "_exchange", lambda first, second: False)
-    folder = _bundle(tmp_path / "bundle", "v1")
+def _second_rename_dies() -> Callable[[Path, str | Path], Path]:
+    """A `Path.replace` that renames once, then dies as a killed process would."""
     real_replace = Path.replace
     calls = 0
 
-    def second_rename_dies(self: Path, target: str | Path) -> Path:
+    def replace(self: Path, target: str | Path) -> Path:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise KeyboardInterrupt
         return real_replace(self, target)
 
+    return replace
+
+
+def test_without_an_exchange_an_interrupted_swap_is_restored_by_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forecaster.files, "_exchange", lambda first, second: False)
+    folder = _bundle(tmp_path / "bundle", "v1")
     with monkeypatch.context() as patch:
-        patch.setattr(Path, "replace", second_rename_dies)
+        patch.setattr(Path, "replace", _second_rename_dies())
         with pytest.raises(KeyboardInterrupt):
             replace_dir(_bundle(tmp_path / ".stage2", "v2"), folder)
     assert not folder.exists()
