@@ -238,16 +238,20 @@ def data_fingerprint(prepared: PreparedData) -> dict[str, Any]:
 
 
 def evaluation_window(prepared: PreparedData, lookback: int, horizon: int) -> str:
-    """A key of the test windows: sha256 of each series' test rows (look-back included), L, H.
+    """A key of the test windows and their scale: sha256 of each series' test rows (look-back
+    included) and training values (whose mean and std z-score the test MSE, `train_scale`), L, H.
 
-    Two scores are comparable only when this key is equal.
+    Two scores are comparable only when this key is equal: the same errors on training data
+    with another spread (history backfilled or corrected) are another MSE.
     """
     digest = hashlib.sha256(f"L={lookback};H={horizon}".encode())
     for uid, frame in prepared.data.frame.groupby("unique_id", sort=False):
-        rows = frame.iloc[prepared.splits[str(uid)].test]
+        split = prepared.splits[str(uid)]
+        rows = frame.iloc[split.test]
         digest.update(str(uid).encode() + b"\0")
         digest.update(rows["ds"].to_numpy().astype("datetime64[ns]").astype(np.int64).tobytes())
         digest.update(rows["y"].to_numpy(np.float64).tobytes())
+        digest.update(b"train\0" + frame["y"].iloc[split.train].to_numpy(np.float64).tobytes())
     return digest.hexdigest()
 
 
@@ -955,13 +959,21 @@ class RetrainRun:
         if previous is None:
             promoted, reason = True, f"no '{alias}' yet"
         else:
-            previous_score = _score_holder(client, uri, previous, candidate, prepared, horizon)
-            promoted = candidate.test_mse < previous_score
-            comparison = "<" if promoted else ">="
-            reason = (
-                f"candidate test MSE {candidate.test_mse:.6g} {comparison} "
-                f"v{previous.version} {previous_score:.6g} on the same test windows"
-            )
+            scored = _score_holder(client, uri, previous, candidate, prepared, horizon)
+            if isinstance(scored, list):
+                promoted = True
+                reason = (
+                    f"v{previous.version} cannot forecast series {scored} of this config "
+                    "(added since it was trained); the candidate covers every series"
+                )
+            else:
+                previous_score = scored
+                promoted = candidate.test_mse < previous_score
+                comparison = "<" if promoted else ">="
+                reason = (
+                    f"candidate test MSE {candidate.test_mse:.6g} {comparison} "
+                    f"v{previous.version} {previous_score:.6g} on the same test windows"
+                )
         if promoted:
             _move_alias(client, uri, name, alias, version)
         decision = PromotionDecision(
@@ -1100,8 +1112,9 @@ def _score_holder(
     candidate: LoggedCandidate,
     prepared: PreparedData,
     horizon: int,
-) -> float:
-    """The alias holder's test MSE on the candidate's test windows."""
+) -> float | list[str]:
+    """The alias holder's test MSE on the candidate's test windows; or, when its preprocessing
+    does not know some of the candidate's series (added to the config since), those series."""
     tags = dict(holder.tags or {})
     if tags.get("eval_window") == candidate.eval_window and "test_mse" in tags:
         return float(tags["test_mse"])
@@ -1117,10 +1130,14 @@ def _score_holder(
                 f"{holder.name} v{holder.version} at {uri}: no {PREPROCESSING_FILE} to re-score "
                 f"it on the new test windows"
             )
+        spec = PreprocessingSpec.load(specs[0])
+        missing = [uid for uid in prepared.splits if uid not in spec.series]
+        if missing:
+            return missing
         own = PreparedData(
             data=prepared.data,
             splits=prepared.splits,
-            spec=PreprocessingSpec.load(specs[0]),
+            spec=spec,
             decision=prepared.decision,
         )
         session = open_session(folder / MODEL_FILE, device="cpu")

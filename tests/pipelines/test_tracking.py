@@ -8,6 +8,7 @@ teardown always stops the server's process group.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from pipelines.tracking import (
     FALLBACK,
     LoggedCandidate,
     RetrainRun,
+    evaluation_window,
     flatten_config,
     list_versions,
     open_tracking,
@@ -230,6 +232,67 @@ def test_embedded_default_tracks_and_registers_beside_the_outputs(
     assert show(config.name, CHAMPION, output_dir=output_dir).version == "1"
     with pytest.raises(TrackingError, match="no earlier version"):
         rollback(config.name, CHAMPION, output_dir=output_dir)
+
+
+def test_a_series_added_since_the_champion_promotes_the_candidate_that_covers_it(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The champion's preprocessing knows 2 series, the config now has 3: it cannot be scored
+    on the new test windows (that raised a DataError and failed every later retrain); the
+    candidate, which forecasts all 3, is promoted and the reason names the new series."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = _config(tmp_path / "out", name="tiny_grown")
+    tracking = open_tracking(config)
+    with tracking.start_retrain() as run:
+        first = run.register_and_promote(
+            _log(run, trained, config, weak=False), CHAMPION, trained.prepared, 6
+        )
+    assert first.promoted
+    grown = config.model_copy(
+        update={
+            "data": config.data.model_copy(
+                update={"synthetic": config.data.synthetic.model_copy(update={"n_series": 3})}
+            )
+        }
+    )
+    prepared = prepare(grown)
+    assert len(prepared.splits) == 3
+    outcome = run_training(
+        _weak_config(grown), method="bptt", prepared=prepared, resume=False, out_dir=tmp_path / "w"
+    )
+    client = MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)
+    client.set_model_version_tag(config.name, "1", "eval_window", "older-data")
+    with tracking.start_retrain() as run:
+        candidate = run.log_training(run.child("bptt"), grown, prepared, outcome, role="bptt")
+        decision = run.register_and_promote(candidate, CHAMPION, prepared, 6)
+    assert decision.promoted
+    assert decision.previous_version == "1"
+    assert decision.previous_score is None
+    unknown = [uid for uid in prepared.splits if uid not in trained.prepared.splits]
+    assert unknown
+    assert f"cannot forecast series {unknown}" in decision.reason
+    assert show(config.name, CHAMPION, output_dir=config.output_dir).version == "2"
+
+
+def test_the_evaluation_key_changes_with_the_training_values_that_scale_the_mse(
+    trained: Trained,
+) -> None:
+    """Test rows unchanged, training history rescaled (backfilled or corrected): the z-scored
+    test MSE changes, so a stored score must not be reused."""
+    prepared = trained.prepared
+    frame = prepared.data.frame.copy()
+    for uid, split in prepared.splits.items():
+        rows = frame.index[frame["unique_id"] == uid][split.train]
+        frame.loc[rows, "y"] = frame.loc[rows, "y"] * 3.0
+    rescaled = PreparedData(
+        data=dataclasses.replace(prepared.data, frame=frame),
+        splits=prepared.splits,
+        spec=prepared.spec,
+        decision=prepared.decision,
+    )
+    same = evaluation_window(prepared, 24, 6)
+    assert same == evaluation_window(trained.prepared, 24, 6)
+    assert evaluation_window(rescaled, 24, 6) != same
 
 
 # --------------------------------------------------------------------------- real server
