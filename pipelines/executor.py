@@ -44,12 +44,13 @@ from forecaster.data import ID_COL
 from forecaster.errors import ConfigError, DataError, ForecasterError
 from forecaster.transform import PreprocessingSpec, SeriesTransform
 from pipelines.preprocess import fit_preprocessor, residuals
-from pipelines.stationarity import GateDecision, StationarityReport, check, decide, max_order
+from pipelines.stationarity import GateDecision, StationarityReport, check_named, decide, max_order
 
 __all__ = [
     "EXECUTIONS",
     "Execution",
     "SeriesPrepared",
+    "WorkerTraceback",
     "fit_series_frame",
     "prepare_series",
     "preprocess_and_gate",
@@ -77,6 +78,12 @@ class _Failure:
     field: str | None
     detail: str | None
     trace: str
+    problems: tuple[str, ...] = ()  # a DataError's full list of problems
+
+
+class WorkerTraceback(Exception):
+    """The traceback of an exception raised in a worker, as the `__cause__` of the one the
+    driver raises (the worker's frames do not cross processes)."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ def _run_chunk(
                         field=getattr(exc, "field", None),
                         detail=getattr(exc, "detail", None),
                         trace=traceback.format_exc(),
+                        problems=tuple(getattr(exc, "problems", ()) or ()),
                     ),
                 )
             )
@@ -136,8 +144,13 @@ def _raise(failure: _Failure, execution: Execution) -> None:
     name = repr(failure.series)
     message = failure.message if name in failure.message else f"series {name}: {failure.message}"
     cls = getattr(errors, failure.kind, None)
+    cause = WorkerTraceback(failure.trace)
+    if isinstance(cls, type) and issubclass(cls, DataError) and len(failure.problems) > 1:
+        raise cls(
+            message, field=failure.field, detail=failure.detail, problems=list(failure.problems)
+        ) from cause
     if isinstance(cls, type) and issubclass(cls, ForecasterError):
-        raise cls(message, field=failure.field, detail=failure.detail)
+        raise cls(message, field=failure.field, detail=failure.detail) from cause
     raise RuntimeError(
         f"series {name} failed under execution {execution!r}: {failure.kind}: {failure.message}\n"
         f"{failure.trace}"
@@ -265,12 +278,16 @@ class SeriesPrepared:
         unique_id: the series.
         transform: its fitted preprocessing.
         reports: one stationarity report of its training residual per differencing order the
-            gate may try (index = order, `0..d_max`, or only 0 with remedy `none`).
+            gate may try (index = order, `0..d_max`, or only 0 with remedy `none`), up to the
+            first order the tests reject (too short once differenced, constant).
+        untestable: why the tests rejected the residual at the next order (None: every order
+            was tested); the gate raises it only if it needs that order, as the local gate does.
     """
 
     unique_id: str
     transform: SeriesTransform
     reports: list[StationarityReport]
+    untestable: str | None = None
 
 
 def fit_series_frame(
@@ -316,14 +333,12 @@ def prepare_series(
         residual = np.diff(residual, n=preprocess.difference)
     reports = []
     for order in range(max_order(stationarity) + 1):
-        tested = np.diff(residual, n=order) if order else residual
         try:
-            reports.append(check(tested, alpha=stationarity.alpha))
+            reports.append(check_named(residual, uid, order, stationarity.alpha))
         except DataError as exc:
-            at = f" differenced {order} time(s)" if order else ""
-            raise DataError(
-                f"series {uid!r}{at}: {exc.message.removeprefix('series: ')}", field=uid
-            ) from exc
+            if not order:
+                raise
+            return SeriesPrepared(uid, transform, reports, untestable=exc.message)
     return SeriesPrepared(unique_id=uid, transform=transform, reports=reports)
 
 
@@ -359,7 +374,13 @@ def preprocess_and_gate(
             ),
             frames,
         )
-        decision = decide({p.unique_id: p.reports for p in prepared}, stationarity)
+        try:
+            decision = decide({p.unique_id: p.reports for p in prepared}, stationarity)
+        except DataError as exc:  # a series the gate needs at an order it could not be tested at
+            why = next((p.untestable for p in prepared if p.unique_id == exc.field), None)
+            if why is None:
+                raise
+            raise DataError(why, field=exc.field) from exc
         transforms = {p.unique_id: p.transform for p in prepared}
         if decision.method == "feedback" and decision.differences:
             remedied = preprocess.model_copy(

@@ -68,6 +68,7 @@ __all__ = [
     "TestResult",
     "Verdict",
     "check",
+    "check_named",
     "gate",
     "save_report",
 ]
@@ -507,6 +508,14 @@ def _check_array(
         kpss_trend=kpss_trend,
         verdict=verdict,
         reason=reason,
+    )
+
+
+def check_named(values: npt.ArrayLike, name: str, order: int, alpha: float) -> StationarityReport:
+    """`check` on series `name`'s residual differenced `order` times, as the gate runs it: its
+    errors name the series and the order (`series 'a' differenced once: too short …`)."""
+    return _check_named(
+        _as_series(values, label=f"series '{name}'", field_name=name), name, order, alpha
     )
 
 

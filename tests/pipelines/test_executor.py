@@ -24,6 +24,7 @@ from forecaster.transform import PreprocessingSpec
 from pipelines.executor import (
     Execution,
     SeriesPrepared,
+    WorkerTraceback,
     prepare_series,
     preprocess_and_gate,
     run_per_series,
@@ -265,3 +266,63 @@ def test_prepare_with_processes_equals_local(tmp_path: Path) -> None:
     a, b = prepare(local), prepare(remote)
     assert a.spec.model_dump_json() == b.spec.model_dump_json()
     assert json.dumps(a.decision.to_dict()) == json.dumps(b.decision.to_dict())
+
+
+def _short_series(seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    ds = pd.date_range("2024-01-01", periods=40, freq="h")
+    return pd.DataFrame({"unique_id": "a", "ds": ds, "y": rng.normal(size=40)})
+
+
+def test_a_series_untestable_at_an_order_the_gate_never_needs_is_accepted_as_locally() -> None:
+    """20 training rows pass the tests at d = 0 but are too short for them once differenced:
+    the local gate stops at d = 0 and never differences; the per-series stage tested every
+    order up front and raised. Where the gate does need that order, both raise the same error."""
+    from pipelines.prepare import _preprocess_and_gate
+
+    config = parse_config(
+        {
+            "name": "short",
+            "preprocess": {"trend": "linear", "seasonality": "none"},
+            "stationarity": {"d_max": 1},
+        }
+    )
+    train_rows = {"a": 20}
+    outcomes: dict[str, int] = {}
+    for seed in range(40):
+        frame = _short_series(seed)
+        local = _outcome(functools.partial(_preprocess_and_gate, frame, config, train_rows))
+        spread = _outcome(
+            functools.partial(
+                preprocess_and_gate,
+                [frame],
+                config.preprocess,
+                config.stationarity,
+                train_rows=train_rows,
+            )
+        )
+        assert spread == local, seed
+        outcomes[local[0]] = outcomes.get(local[0], 0) + 1
+    assert outcomes.get("feedback", 0) > 0  # some seeds pass at d = 0
+
+
+def _outcome(run: Callable[[], tuple[PreprocessingSpec, GateDecision]]) -> tuple[str, ...]:
+    """(method, d, spec JSON, decision JSON) of a gate run, or ("error", message)."""
+    try:
+        spec, decision = run()
+    except DataError as exc:
+        return ("error", exc.message)
+    return (decision.method, str(decision.differences), *_artifacts(spec, decision))
+
+
+def _two_problems(frame: pd.DataFrame) -> int:
+    raise DataError("series 'a': 2 problems: x; y", field="y", problems=["row 1: x", "row 2: y"])
+
+
+def test_a_worker_error_keeps_its_problems_and_its_traceback() -> None:
+    frame = pd.DataFrame({"unique_id": ["a"], "y": [1.0]})
+    with pytest.raises(DataError) as caught:
+        run_per_series(_two_problems, [frame], execution="local")
+    assert caught.value.problems == ["row 1: x", "row 2: y"]
+    assert isinstance(caught.value.__cause__, WorkerTraceback)
+    assert "_two_problems" in str(caught.value.__cause__)
