@@ -346,16 +346,22 @@ def detect(
 @app.command()
 def demo(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="Demo config (default: built in).")
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Demo config (default: built in, the settings of configs/demo.yaml, "
+            "output in ./.demo).",
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
 ) -> None:
     """Run the whole path that exists, end to end, on embedded synthetic plant data."""
     with _user_errors():
         from forecaster.config import parse_config
-        from pipelines.demo import run_demo
+        from pipelines.demo import DEMO_SETTINGS, run_demo
 
-        cfg = _load(config, None) if config is not None else parse_config({"name": "demo"})
+        cfg = _load(config, None) if config is not None else parse_config(DEMO_SETTINGS)
         out_dir = out if out is not None else cfg.output_dir
         run_demo(
             cfg, out_dir, report=lambda line: console.print(line, highlight=False, soft_wrap=True)

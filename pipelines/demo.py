@@ -44,6 +44,42 @@ from pipelines.train import (
     run_training,
 )
 
+# `forecaster demo` without `--config`: the settings of configs/demo.yaml (a test keeps the two
+# equal), so an installed package runs the same quick demo without the repository's files.
+DEMO_SETTINGS: dict[str, Any] = {
+    "name": "demo",
+    "seed": 0,
+    "output_dir": ".demo",
+    "data": {
+        "source": "synthetic",
+        "synthetic": {
+            "n_series": 3,
+            "length": 2016,
+            "freq": "h",
+            "n_anomalies": 3,
+            "n_level_shifts": 1,
+            "seed": 0,
+        },
+        "split": {"kind": "holdout", "val_size": 168, "test_size": 168},
+    },
+    "window": {"lookback": 168, "horizon": 24},
+    "preprocess": {
+        "trend": "robust",
+        "seasonality": "mstl",
+        "periods": [24, 168],
+        "scaling": "standard",
+    },
+    "stationarity": {"alpha": 0.05, "remedy": "difference", "d_max": 1},
+    "model": {"name": "mi_gru", "hidden_size": 32},
+    "train": {
+        "method": "feedback",
+        "epochs": 4,
+        "batch_size": 32,
+        "max_windows": 512,
+        "patience": 2,
+    },
+}
+
 logger = logging.getLogger(__name__)
 
 Report = Callable[[str], None]

@@ -219,3 +219,15 @@ def test_retrain_refuses_to_run_under_torchrun(tmp_path: Path) -> None:
     assert "retrain runs as one process" in result.output
     assert "-m forecaster train" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_built_in_demo_runs_the_settings_of_configs_demo_yaml() -> None:
+    """`forecaster demo` without `--config` is the quick demo of configs/demo.yaml (output in
+    ./.demo), not the library defaults (look-back 336, 20 epochs)."""
+    from forecaster.config import load_config, parse_config
+    from pipelines.demo import DEMO_SETTINGS
+
+    from_file = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
+    built_in = parse_config(DEMO_SETTINGS)
+    assert built_in.output_dir.name == ".demo"
+    assert built_in.model_copy(update={"output_dir": from_file.output_dir}) == from_file
