@@ -87,7 +87,15 @@ class Gateway:
 
         state = self.state()
         if state is None:
-            await _json(counted_send, 503, {"error": "the service is starting", "field": None})
+            await _json(
+                counted_send,
+                503,
+                {
+                    "error": "the service is starting",
+                    "field": None,
+                    "detail": "retry in a few seconds",
+                },
+            )
             return
         if path == "/docs.json":
             await self.app(scope, receive, _openapi_31(counted_send))
@@ -104,7 +112,11 @@ class Gateway:
             await _json(
                 counted_send,
                 401,
-                {"error": "missing or invalid bearer token", "field": "Authorization"},
+                {
+                    "error": "missing or invalid bearer token",
+                    "field": "Authorization",
+                    "detail": "send the header 'Authorization: Bearer <FORECASTER_API_TOKEN>'",
+                },
                 headers=[(b"www-authenticate", b"Bearer")],
             )
             return

@@ -174,3 +174,10 @@ def test_registry_credentials_reach_no_answer_nor_log(
     assert "hunter2" not in forecast.text
     assert "mlflow:***@" in forecast.text
     assert "hunter2" not in server.log.read_text()
+
+
+def test_a_refusal_has_the_documented_error_body() -> None:
+    response = _gateway_call({"FORECASTER_API_TOKEN": TOKEN}, "GET", "/model")
+    assert response.status_code == 401
+    assert set(response.json()) == {"error", "field", "detail"}
+    assert response.json()["field"] == "Authorization"
