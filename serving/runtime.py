@@ -78,6 +78,7 @@ __all__ = [
     "PreparedBatch",
     "Runtime",
     "Status",
+    "forgets_within_lookback",
     "load_model",
     "one_step_forecasts",
     "prefer_cpu",
@@ -168,6 +169,9 @@ class LoadedModel:
     cpu_window: ort.InferenceSession | None = None  # small calls when `window` runs on CUDA
     cuda_min_rows: int = 0
     grids: dict[str, _Grid] = field(default_factory=dict)  # of every series of `spec`
+    # Whether a carried state answers as the window does (`forgets_within_lookback`): only then
+    # does the state cache serve this model.
+    carries_state: bool = False
 
     def window_for(self, rows: int) -> ort.InferenceSession:
         """The window session a call of `rows` series runs on (see `prefer_cpu`)."""
@@ -238,6 +242,47 @@ def _read_metadata(path: Path) -> _Metadata:
         raise ModelUnavailable(f"{path} does not exist", field="metadata") from None
     except (OSError, ValueError, ValidationError) as exc:
         raise ModelUnavailable(f"{path} is not valid bundle metadata: {exc}") from exc
+
+
+# A carried state must answer as the whole window does, within this on the model's scale.
+CARRY_TOLERANCE = 1e-4
+
+
+def forgets_within_lookback(step: ort.InferenceSession, lookback: int, role: str = "model") -> bool:
+    """Whether the step graph's answer from a state carried over a long history equals its
+    answer from the last `lookback` points alone (the window's), within `CARRY_TOLERANCE`.
+
+    A carried state has seen every point since the series entered the cache; the window, only
+    the last `lookback`. They agree when the model forgets faster than `lookback` steps (a
+    gated cell trained on those windows, usually); a longer memory (an SCRN context with `α`
+    near 1 at a short look-back) would make a stream's answers depend on the cache's history
+    and differ between replicas. Probed at load on standard-normal inputs (the model's scale):
+    4 series of `3 · lookback` points, carried in chunks, against the window of the last
+    `lookback`; a model that fails is served from windows only, with a WARNING.
+    """
+    rng = np.random.default_rng(0)
+    steps = 3 * lookback
+    x = rng.standard_normal((4, steps, 1)).astype(np.float32)
+    state = initial_state(step, len(x))
+    carried = None
+    for start in range(0, steps, lookback):
+        result = forecast_step(step, x[:, start : start + lookback], state)
+        carried, state = result.forecast, result.state
+    window = forecast_window(step, x[:, -lookback:])
+    gap = float(np.max(np.abs(np.asarray(carried) - window)))
+    if gap <= CARRY_TOLERANCE:
+        return True
+    logger.warning(
+        "%s: carried state off for this model: after %d points its forecast differs from the "
+        "window of the last %d by %.3g (> %g; its memory outlasts the look-back), so streams "
+        "are answered from whole windows",
+        role,
+        steps,
+        lookback,
+        gap,
+        CARRY_TOLERANCE,
+    )
+    return False
 
 
 def load_model(
@@ -326,6 +371,7 @@ def _load_once(
     warm = forecast_window(session, np.zeros((1, metadata.lookback, 1), dtype=np.float32))
     if not np.isfinite(warm).all():
         raise ModelUnavailable(f"{folder}: the model emits non-finite values", field=role)
+    carries_state = step is not None and forgets_within_lookback(step, metadata.lookback, role)
     cpu_window = None
     if prefer_cpu(session.get_providers(), 0, cuda_min_rows):
         cpu_window = open_session(_bundle_file(folder, MODEL_FILE), "cpu", intra_op_threads)
@@ -343,6 +389,7 @@ def _load_once(
         calibration=calibration,
         fingerprint=fingerprint,
         cpu_window=cpu_window,
+        carries_state=carries_state,
         cuda_min_rows=cuda_min_rows,
         grids={uid: _Grid.of(series) for uid, series in spec.series.items()},
     )
@@ -538,7 +585,7 @@ def prepare_batch(
         level = request.level if request.level is not None else model.calibration.levels[-1]
         model.calibration.level_index(level)  # ModelError naming the calibrated levels
     reference = next(iter(model.spec.series.values()))  # the grid and order all series share
-    use_cache = cache is not None and cache.enabled and model.step is not None
+    use_cache = cache is not None and cache.enabled and model.carries_state
     plans: list[_SeriesPlan | None] = []
     windows: list[_Window] = []  # whole windows, transformed together below
     seen: set[str] = set()

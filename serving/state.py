@@ -80,15 +80,17 @@ def new_points(
 ) -> int | None:
     """Index of the first point of `ds` after the carried state, when the request continues it.
 
-    The request continues the series when its points up to `carried.last_ns` (if any) repeat the
-    kept raw values exactly and the points after it follow one step apart from `last_ns`;
-    otherwise (gap, out-of-order, revised values, nothing new) it returns None.
+    The request continues the series when its points up to `carried.last_ns` (if any) lie one
+    step apart up to `last_ns` and repeat the kept raw values exactly, and the points after it
+    follow one step apart from `last_ns`; otherwise (gap, out-of-order, revised values, nothing
+    new) it returns None, and the request is checked as a whole window.
     """
     start = int(np.searchsorted(ds, carried.last_ns, side="right"))
     if start == len(ds):
         return None
     overlap = values[:start]
-    if start and ds[start - 1] != carried.last_ns:
+    before = carried.last_ns - step_ns * np.arange(start - 1, -1, -1, dtype=np.int64)
+    if not np.array_equal(ds[:start], before):
         return None
     if overlap.size > carried.tail.size:
         overlap = overlap[-carried.tail.size :]

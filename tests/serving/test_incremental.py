@@ -143,3 +143,56 @@ def test_a_reload_that_changes_the_model_drops_every_state(bundles: Any, tmp_pat
     os.utime(champion / "model.onnx", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert runtime.reload() is True
     assert len(runtime.state_cache) == 0
+
+
+def _step_session(name: str, lookback: int, tmp_path: Path, **params: Any) -> Any:
+    import torch
+
+    from forecaster.export import export_onnx
+    from forecaster.inference import open_session
+    from forecaster.models.registry import build
+
+    torch.manual_seed(0)
+    model = build(name, input_size=1, hidden_size=8, horizon=4, **params)
+    path = tmp_path / f"{name}.onnx"
+    export_onnx(model, path, lookback=lookback, graph="step")
+    return open_session(path, device="cpu")
+
+
+def test_a_model_whose_memory_outlasts_the_lookback_is_not_carried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SCRN's context keeps 0.95^8 = 66% of what came before an 8-point window: a carried
+    state would answer differently from the window (and from another replica), so the model is
+    served from windows; a cell that forgets within its look-back is carried."""
+    from serving.runtime import forgets_within_lookback
+
+    with caplog.at_level("WARNING", logger="serving.runtime"):
+        assert not forgets_within_lookback(_step_session("scrn", 8, tmp_path), 8, "champion")
+    assert "champion: carried state off for this model" in caplog.text
+    assert forgets_within_lookback(_step_session("scrn", 8, tmp_path, alpha=0.0), 8)
+    assert forgets_within_lookback(_step_session("mi_gru", 48, tmp_path), 48)
+
+
+def test_the_served_bundles_are_carried(bundles: Any) -> None:
+    from serving.runtime import load_model
+
+    model = load_model("champion", bundles.champion, device="cpu")
+    assert model.carries_state  # the streaming tests above use the state cache
+
+
+def test_an_overlap_with_a_gap_before_the_last_point_does_not_continue_the_state() -> None:
+    """Points up to the carried last point must lie one step apart, as a whole window's must:
+    `[T − 5 steps, T, T + 1]` repeating the kept values is not a continuation."""
+    from serving.state import Carried, new_points
+
+    step = 3_600 * 10**9
+    last = 100 * step
+    carried = Carried(
+        state=np.zeros(4, np.float32), last_ns=last, tail=np.array([1.0, 2.0, 3.0, 4.0])
+    )
+    values = np.array([3.0, 4.0, 5.0])
+    consecutive = np.array([last - step, last, last + step])
+    assert new_points(carried, consecutive, values, step) == 2
+    gapped = np.array([last - 5 * step, last, last + step])
+    assert new_points(carried, gapped, values, step) is None
