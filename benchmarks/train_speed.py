@@ -24,6 +24,11 @@ malloc_trim and a reset of the kernel's RSS high-water mark (/proc/self/clear_re
 then a second step; reported: VmHWM after it minus VmRSS before it. `--memory-only` re-measures
 the memory columns of an existing train_speed.json and keeps its timings.
 
+Also timed: exact BPTT written from feedback's own hand-written parts (the scripted forward
+that keeps the gates, the closed-form cell backward) with the exact reverse recursion in place
+of the fixed feedback's scan (`exact_bptt_fn`), so the speed-up of the fixed feedback itself
+is reported beside the one against autograd BPTT.
+
 Also timed, in the same run: SCRN alone and the shipped ETTh1 model (SCRN + 336 lags) at that
 config's window T = 336, h = 64, BPTT vs the matrix feedback the config trains with.
 
@@ -54,12 +59,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from _common import write_results  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from forecaster.config import FeedbackConfig  # noqa: E402
-from forecaster.losses import ForecastLoss  # noqa: E402
+from forecaster.losses import ForecastLoss, to_loss_dtype  # noqa: E402
+from forecaster.models.lmn import _activation_scale  # noqa: E402
 from forecaster.models.registry import build  # noqa: E402
-from forecaster.training.feedback import estimate_feedback  # noqa: E402
+from forecaster.training.feedback import (  # noqa: E402
+    batched_cell_backward,
+    estimate_feedback,
+    feedback_states,
+)
 from forecaster.training.gradients import compute_gradients  # noqa: E402
 from forecaster.training.heap import training_heap  # noqa: E402
 
@@ -121,6 +133,89 @@ def step_fn(
             d=case[feedback],
             corrections=corrections,
         )
+
+    return step
+
+
+# ---- exact BPTT written with the same hand-written parts as feedback ---------------------------
+# The reference BPTT above is autograd through the model's loop (what a user writes). Feedback's
+# step uses hand-written parts: the scripted forward that keeps the gates and the closed-form
+# cell backward. Exact BPTT can use them too: the same forward and parameter gradients, with the
+# exact reverse recursion `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}` (one small matmul per step, scripted)
+# in place of feedback's element-wise scan. Timing it separates what the fixed feedback buys
+# from what the hand-written backward buys.
+
+
+@torch.jit.script
+def _mi_gru_exact_deltas(
+    g: Tensor, gain: Tensor, aux: Tensor, s: Tensor, w_hh: Tensor, hs: int
+) -> Tensor:
+    """MI-GRU: `g [T, B, h]` direct gradients, `gain [T, B, 3h]` = A, `aux [T, B, 6h]` the kept
+    `U h + b_h` and gates `r, z, n`, `s [T+1, B, h]` states -> `δ [T, B, h]`."""
+    steps = g.size(0)
+    delta = torch.empty_like(g)
+    d = g[steps - 1]
+    delta[steps - 1] = d
+    for t in range(steps - 2, -1, -1):
+        k = t + 1
+        u_n = aux[k, :, 2 * hs : 3 * hs]
+        r, z, n = aux[k, :, 3 * hs : 4 * hs], aux[k, :, 4 * hs : 5 * hs], aux[k, :, 5 * hs :]
+        a = gain[k]
+        g_n = (d - d * z) * (1 - n * n)
+        g_r = g_n * a[:, 2 * hs :] * u_n * (r - r * r)
+        g_z = d * (s[k] - n) * (z - z * z)
+        du = torch.cat([g_r, g_z, g_n * r], 1) * a
+        d = torch.addmm(g[t] + d * z, du, w_hh)
+        delta[t] = d
+    return delta
+
+
+@torch.jit.script
+def _lmn_exact_deltas(g: Tensor, u: Tensor, encoder: Tensor, w_mm: Tensor, w_mh: Tensor) -> Tensor:
+    """LMN: `g [T, B, p]`, kept gates `u [T, B, h]`, `encoder` = c² W^{hm} `[p, h]` -> `δ`."""
+    steps = g.size(0)
+    delta = torch.empty_like(g)
+    d = g[steps - 1]
+    delta[steps - 1] = d
+    for t in range(steps - 2, -1, -1):
+        k = t + 1
+        dz = torch.mm(d, encoder) * (u[k] - u[k] * u[k])
+        d = torch.addmm(torch.addmm(g[t], d, w_mm), dz, w_mh)
+        delta[t] = d
+    return delta
+
+
+def exact_bptt_fn(name: str, case: dict[str, Any]) -> Callable[[], None]:
+    """One exact BPTT gradient step of the MI-GRU or LMN from feedback's hand-written parts."""
+    model, x, y, loss_fn = case["model"], case["x"], case["y"], case["loss"]
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        s0 = model.initial_state(x.size(0), x.device, x.dtype)
+        states, aux = feedback_states(model, x, s0)
+        assert aux is not None, f"{name}: no kept values"
+        leaf = states[:, 1:].detach().requires_grad_(True)
+        loss_fn(to_loss_dtype(model.window_readout(leaf, x, s0)), y, case["mask"]).backward()
+        g = leaf.grad.transpose(0, 1).contiguous()  # type: ignore[union-attr]
+        hs = model.hidden_size
+        with torch.no_grad():
+            if name == "mi_gru":
+                w, b = model.cell.projection()
+                gain = F.linear(x.transpose(0, 1), w[: 3 * hs], b[: 3 * hs])  # [T, B, 3h]
+                delta = _mi_gru_exact_deltas(
+                    g, gain, aux, states.transpose(0, 1), model.cell.weight_hh, hs
+                )
+            else:
+                weight = model.memory.weight
+                c = _activation_scale(model.config.activation)
+                delta = _lmn_exact_deltas(
+                    g,
+                    aux,
+                    weight[:, :hs] * c * c,
+                    weight[:, hs:].contiguous(),
+                    model.memory_to_hidden,
+                )
+        batched_cell_backward(model, x, states[:, :-1], delta.transpose(0, 1), aux=aux)
 
     return step
 
@@ -264,6 +359,7 @@ def time_sizes(
                 base[f"{name}/feedback"] = step_fn("feedback", cases[name])
                 base[f"{name}/matrix"] = step_fn("feedback", cases[name], "d_matrix")
                 base[f"{name}/c1"] = step_fn("feedback", cases[name], corrections=1)
+                base[f"{name}/exact"] = exact_bptt_fn(name, cases[name])
             base["gru/bptt"] = step_fn("bptt", cases["gru"])
             variants = {f"{key}@{n}": fn for n in threads for key, fn in base.items()}
             t0 = time.perf_counter()
@@ -274,6 +370,7 @@ def time_sizes(
                 bp, fb = times[f"{name}/bptt@{n}"], times[f"{name}/feedback@{n}"]
                 gru = times[f"gru/bptt@{n}"]
                 matrix, c1 = times[f"{name}/matrix@{n}"], times[f"{name}/c1@{n}"]
+                exact = times[f"{name}/exact@{n}"]
                 entry = {
                     "device": device,
                     "model": name,
@@ -291,6 +388,10 @@ def time_sizes(
                     "speedup_matrix": round(statistics.median(bp) / statistics.median(matrix), 3),
                     "feedback_c1_s": round(statistics.median(c1), 4),
                     "speedup_c1": round(statistics.median(bp) / statistics.median(c1), 3),
+                    "bptt_handwritten_s": round(statistics.median(exact), 4),
+                    "speedup_vs_handwritten": round(
+                        statistics.median(exact) / statistics.median(fb), 3
+                    ),
                     "nn_gru_s": round(statistics.median(gru), 4),
                     "nn_gru_min_s": round(min(gru), 4),
                     "spectral_radius_d": round(float(cases[name]["d"].abs().max()), 4),
@@ -586,6 +687,12 @@ def targets_report(entries: list[dict[str, Any]]) -> dict[str, Any]:
             "speedup": lmn[0]["speedup"],
             "met": lmn[0]["speedup"] >= 2,
         }
+    for e in main + lmn:
+        if "speedup_vs_handwritten" in e:
+            out[f"feedback_vs_handwritten_exact_bptt_T720_h64_{e['model']}"] = {
+                "speedup": e["speedup_vs_handwritten"],
+                "met_2x": e["speedup_vs_handwritten"] >= 2,
+            }
     slower = [f"{e['model']} h={e['hidden']} T={e['T']}" for e in entries if e["speedup"] < 1]
     out["never_slower"] = {"met": not slower, "slower_at": slower}
     if all("peak_ratio" in e for e in entries):
@@ -625,8 +732,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         "| model | h | T | BPTT s | feedback s | speedup | matrix feedback s | speedup | "
         "feedback + 1 correction s | speedup | nn.GRU BPTT s | peak MB BPTT | peak MB feedback "
-        "| mem ratio | peak MB nn.GRU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mem ratio | peak MB nn.GRU | hand-written exact BPTT s | feedback speedup vs it |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if "timing_run" in s:
         run = s["timing_run"]
@@ -643,7 +750,8 @@ def markdown(payload: dict[str, Any]) -> str:
             f" | {_or_dash(e, 'feedback_c1_s', '.3f')} | {_or_dash(e, 'speedup_c1', '.2f')}"
             f" | {e['nn_gru_s']:.3f} ({e['nn_gru_min_s']:.3f}) | {e.get('peak_mb_bptt', '–')}"
             f" | {e.get('peak_mb_feedback', '–')} | {e.get('peak_ratio', '–')}"
-            f" | {e.get('peak_mb_nn_gru', '–')} |"
+            f" | {e.get('peak_mb_nn_gru', '–')} | {_or_dash(e, 'bptt_handwritten_s', '.3f')}"
+            f" | {_or_dash(e, 'speedup_vs_handwritten', '.2f')} |"
         )
     if payload.get("shipped"):
         lines += [

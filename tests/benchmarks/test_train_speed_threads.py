@@ -3,6 +3,7 @@ round-robin, and each method compared at its own fastest count."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from benchmark_scripts import load_benchmark
 
@@ -75,3 +76,17 @@ def test_time_sizes_times_every_variant_at_each_thread_count() -> None:
     ]
     assert all(e["rounds"] == 5 and e["bptt_s"] > 0 and e["feedback_s"] > 0 for e in entries)
     assert torch.get_num_threads() == before  # the round-robin puts the count back
+
+
+@pytest.mark.parametrize("name", ["mi_gru", "lmn"])
+def test_handwritten_exact_bptt_has_autograd_bptts_gradients(name: str) -> None:
+    """The reference that separates the fixed feedback's gain from the hand-written backward's
+    must be exact BPTT: the same gradients as autograd through the model's loop."""
+    case = train_speed.make_case(name, 8, 12)
+    model = case["model"]
+    train_speed.step_fn("bptt", case)()
+    autograd = [p.grad.clone() for p in model.parameters()]
+    train_speed.exact_bptt_fn(name, case)()
+    for param, reference in zip(model.parameters(), autograd, strict=True):
+        assert param.grad is not None
+        assert torch.allclose(param.grad, reference, rtol=1e-4, atol=1e-6)
