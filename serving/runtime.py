@@ -1208,7 +1208,7 @@ class Runtime:
             batch = prepare_batch(
                 request, model, settings.unknown_series, settings.max_series, cache
             )
-            stateful = cache.enabled and model.step is not None
+            stateful = cache.enabled and model.carries_state
             try:
                 z, states, seconds = yield _Call(model, batch.plans, stateful)
                 self.observer.inference(model.role, seconds)

@@ -196,3 +196,29 @@ def test_an_overlap_with_a_gap_before_the_last_point_does_not_continue_the_state
     assert new_points(carried, consecutive, values, step) == 2
     gapped = np.array([last - 5 * step, last, last + step])
     assert new_points(carried, gapped, values, step) is None
+
+
+def test_a_model_that_is_not_carried_keeps_no_state_and_answers_from_windows(
+    bundles: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the state cache on, a model that failed the memory probe neither fills the cache
+    nor leaves the shared window path: its answer is the whole window's."""
+    import serving.runtime
+
+    monkeypatch.setattr(serving.runtime, "forgets_within_lookback", lambda *args: False)
+    champion = Path(shutil.copytree(bundles.champion, tmp_path / "champion"))
+    runtime = Runtime(ServingSettings(champion_bundle=champion, state_cache_size=10, device="cpu"))
+    try:
+        assert runtime.models.champion.carries_state is False
+        ds, y = bundles.history["plant_000"]
+        series = {
+            "unique_id": "plant_000",
+            "start": format_timestamp(ds[-40]),
+            "values": y[-40:].tolist(),
+        }
+        first = runtime.forecast(ForecastRequest.model_validate({"series": [series]}))
+        second = runtime.forecast(ForecastRequest.model_validate({"series": [series]}))
+        assert len(runtime.state_cache) == 0
+        assert first.forecasts[0].point == second.forecasts[0].point
+    finally:
+        runtime.close()
