@@ -48,7 +48,7 @@ class DataError(ForecasterError):
         problems: list[str] | None = None,
     ) -> None:
         super().__init__(message, field=field, detail=detail)
-        self.problems: list[str] = list(problems) if problems else [message]
+        self.problems: list[str] = [redact(p) for p in problems] if problems else [self.message]
 
 
 class ModelError(ForecasterError):

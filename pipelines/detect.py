@@ -26,7 +26,6 @@ import numpy.typing as npt
 import pandas as pd
 
 from forecaster.anomaly import (
-    AnomalyDetector,
     AnomalyResult,
     DetectorSettings,
     detect_on_time_grid,
@@ -111,11 +110,8 @@ def detect_values(
     y = np.asarray(values, dtype=np.float64)
     if probation is None:
         probation = probationary_length(len(y))
-    model = None if expected is None else np.asarray(expected, dtype=np.float64)
-    detector = AnomalyDetector(settings).fit(
-        y[:probation], None if model is None else model[:probation]
-    )
-    return detector.score(y, start=probation, expected=model), probation
+    result = detect_on_time_grid(y, None, settings, fit_rows=probation, expected=expected)
+    return result, probation
 
 
 def detect_series(

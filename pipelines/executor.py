@@ -145,12 +145,11 @@ def _raise(failure: _Failure, execution: Execution) -> None:
     message = failure.message if name in failure.message else f"series {name}: {failure.message}"
     cls = getattr(errors, failure.kind, None)
     cause = WorkerTraceback(failure.trace)
-    if isinstance(cls, type) and issubclass(cls, DataError) and len(failure.problems) > 1:
-        raise cls(
-            message, field=failure.field, detail=failure.detail, problems=list(failure.problems)
-        ) from cause
     if isinstance(cls, type) and issubclass(cls, ForecasterError):
-        raise cls(message, field=failure.field, detail=failure.detail) from cause
+        # A DataError's own list of problems, when it has several (one: the message says it).
+        several = issubclass(cls, DataError) and len(failure.problems) > 1
+        extra = {"problems": list(failure.problems)} if several else {}
+        raise cls(message, field=failure.field, detail=failure.detail, **extra) from cause
     raise RuntimeError(
         f"series {name} failed under execution {execution!r}: {failure.kind}: {failure.message}\n"
         f"{failure.trace}"

@@ -408,7 +408,11 @@ def train(
                 world_size=group.world_size,
                 memory_measure="cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
             ),
-            run_hash=_run_hash(model, train_windows, val_windows, config, seed, method),
+            run_hash=(  # only checkpoints read it; it hashes every window value
+                ""
+                if checkpoint_dir is None
+                else _run_hash(model, train_windows, val_windows, config, seed, method)
+            ),
             checkpoint_dir=checkpoint_dir,
             callbacks=tuple(callbacks) if group.is_main else (),
             group=group,
