@@ -373,13 +373,11 @@ def preprocess_and_gate(
             ),
             frames,
         )
-        try:
-            decision = decide({p.unique_id: p.reports for p in prepared}, stationarity)
-        except DataError as exc:  # a series the gate needs at an order it could not be tested at
-            why = next((p.untestable for p in prepared if p.unique_id == exc.field), None)
-            if why is None:
-                raise
-            raise DataError(why, field=exc.field) from exc
+        decision = decide(
+            {p.unique_id: p.reports for p in prepared},
+            stationarity,
+            {p.unique_id: p.untestable for p in prepared if p.untestable is not None},
+        )
         transforms = {p.unique_id: p.transform for p in prepared}
         if decision.method == "feedback" and decision.differences:
             remedied = preprocess.model_copy(

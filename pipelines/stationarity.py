@@ -340,7 +340,9 @@ def _set_passes(
 
 
 def decide(
-    reports: Mapping[str, Sequence[StationarityReport]], config: StationarityConfig
+    reports: Mapping[str, Sequence[StationarityReport]],
+    config: StationarityConfig,
+    untestable: Mapping[str, str] | None = None,
 ) -> GateDecision:
     """The gate's set-level decision from per-series reports at orders `0, 1, …`.
 
@@ -349,8 +351,13 @@ def decide(
     computes them. This is the reduction step when the per-series checks ran elsewhere
     (`pipelines.executor`).
 
+    `untestable`: per series whose reports stop early, why the tests rejected it at the next
+    order (too short once differenced, constant); raised, as `gate` raises it, only when the
+    decision needs that order.
+
     Raises:
-        DataError: no series, or a series missing a report at an order the decision needs.
+        DataError: no series, or a series missing a report at an order the decision needs
+            (its `untestable` reason when given).
     """
     if not reports:
         raise DataError("the stationarity gate needs at least one series, got none")
@@ -360,6 +367,8 @@ def decide(
     passed_at: int | None = None
     for order in range(max_order(config) + 1):
         short = [name for name, rs in reports.items() if len(rs) <= order]
+        if short and untestable and short[0] in untestable:
+            raise DataError(untestable[short[0]], field=short[0])
         if short:
             raise DataError(
                 f"series {short[0]!r}: {len(reports[short[0]])} stationarity report(s), "
