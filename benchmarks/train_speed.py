@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -65,6 +66,7 @@ from torch import Tensor  # noqa: E402
 
 from forecaster.config import FeedbackConfig  # noqa: E402
 from forecaster.losses import ForecastLoss, to_loss_dtype  # noqa: E402
+from forecaster.models.base import script_loop  # noqa: E402
 from forecaster.models.lmn import _activation_scale  # noqa: E402
 from forecaster.models.registry import build  # noqa: E402
 from forecaster.training.feedback import (  # noqa: E402
@@ -146,7 +148,6 @@ def step_fn(
 # from what the hand-written backward buys.
 
 
-@torch.jit.script
 def _mi_gru_exact_deltas(
     g: Tensor, gain: Tensor, aux: Tensor, s: Tensor, w_hh: Tensor, hs: int
 ) -> Tensor:
@@ -170,7 +171,6 @@ def _mi_gru_exact_deltas(
     return delta
 
 
-@torch.jit.script
 def _lmn_exact_deltas(g: Tensor, u: Tensor, encoder: Tensor, w_mm: Tensor, w_mh: Tensor) -> Tensor:
     """LMN: `g [T, B, p]`, kept gates `u [T, B, h]`, `encoder` = c² W^{hm} `[p, h]` -> `δ`."""
     steps = g.size(0)
@@ -185,9 +185,19 @@ def _lmn_exact_deltas(g: Tensor, u: Tensor, encoder: Tensor, w_mm: Tensor, w_mh:
     return delta
 
 
+@functools.cache
+def _scripted(kind: str) -> Callable[..., Tensor]:
+    """The exact recursion of `kind` (`mi_gru` or `lmn`) as a scripted loop, once per process."""
+    loop = script_loop(_mi_gru_exact_deltas if kind == "mi_gru" else _lmn_exact_deltas, kind)
+    if loop is None:
+        raise RuntimeError(f"the exact BPTT recursion of {kind} cannot be scripted")
+    return loop
+
+
 def exact_bptt_fn(name: str, case: dict[str, Any]) -> Callable[[], None]:
     """One exact BPTT gradient step of the MI-GRU or LMN from feedback's hand-written parts."""
     model, x, y, loss_fn = case["model"], case["x"], case["y"], case["loss"]
+    recursion = _scripted(name)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -202,13 +212,11 @@ def exact_bptt_fn(name: str, case: dict[str, Any]) -> Callable[[], None]:
             if name == "mi_gru":
                 w, b = model.cell.projection()
                 gain = F.linear(x.transpose(0, 1), w[: 3 * hs], b[: 3 * hs])  # [T, B, 3h]
-                delta = _mi_gru_exact_deltas(
-                    g, gain, aux, states.transpose(0, 1), model.cell.weight_hh, hs
-                )
+                delta = recursion(g, gain, aux, states.transpose(0, 1), model.cell.weight_hh, hs)
             else:
                 weight = model.memory.weight
                 c = _activation_scale(model.config.activation)
-                delta = _lmn_exact_deltas(
+                delta = recursion(
                     g,
                     aux,
                     weight[:, :hs] * c * c,
