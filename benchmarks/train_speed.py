@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -592,6 +593,16 @@ def best_of_threads(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         bp = min(group, key=lambda e: e["bptt_s"])
         fb = min(group, key=lambda e: e["feedback_s"])
         gru = min(group, key=lambda e: e["nn_gru_s"])
+        exact = min(group, key=lambda e: e.get("bptt_handwritten_s", math.inf))
+        handwritten = (
+            {
+                "bptt_handwritten_s": exact["bptt_handwritten_s"],
+                "bptt_handwritten_threads": exact["threads"],
+                "speedup_vs_handwritten": round(exact["bptt_handwritten_s"] / fb["feedback_s"], 3),
+            }
+            if "bptt_handwritten_s" in exact
+            else {}
+        )
         out.append(
             {
                 "device": bp["device"],
@@ -605,6 +616,7 @@ def best_of_threads(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "speedup": round(bp["bptt_s"] / fb["feedback_s"], 3),
                 "nn_gru_s": gru["nn_gru_s"],
                 "nn_gru_threads": gru["threads"],
+                **handwritten,
             }
         )
     return out
@@ -623,8 +635,8 @@ def markdown_threads(payload: dict[str, Any]) -> str:
         f"{s['load_average_after_timing']}.",
         "",
         "| model | h | T | threads | BPTT s | feedback s | speedup | matrix feedback s "
-        "| feedback + 1 correction s | nn.GRU BPTT s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| feedback + 1 correction s | nn.GRU BPTT s | hand-written exact BPTT s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in payload["entries"]:
         lines.append(
@@ -632,22 +644,30 @@ def markdown_threads(payload: dict[str, Any]) -> str:
             f"| {e['bptt_s']:.3f} ({e['bptt_min_s']:.3f}) "
             f"| {e['feedback_s']:.3f} ({e['feedback_min_s']:.3f}) | {e['speedup']:.2f}x "
             f"| {e['feedback_matrix_s']:.3f} | {e['feedback_c1_s']:.3f} "
-            f"| {e['nn_gru_s']:.3f} ({e['nn_gru_min_s']:.3f}) |"
+            f"| {e['nn_gru_s']:.3f} ({e['nn_gru_min_s']:.3f}) "
+            f"| {_or_dash(e, 'bptt_handwritten_s', '.3f')} |"
         )
     lines += [
         "",
         "Each method at its fastest thread count (median), and the speed-up between them:",
         "",
         "| model | h | T | BPTT s (threads) | feedback s (threads) | speedup "
-        "| nn.GRU BPTT s (threads) |",
-        "|---|---|---|---|---|---|---|",
+        "| nn.GRU BPTT s (threads) | hand-written exact BPTT s (threads) "
+        "| feedback speedup vs it |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {b['model']} | {b['hidden']} | {b['T']} | {b['bptt_s']:.3f} ({b['bptt_threads']}) "
-        f"| {b['feedback_s']:.3f} ({b['feedback_threads']}) | {b['speedup']:.2f}x "
-        f"| {b['nn_gru_s']:.3f} ({b['nn_gru_threads']}) |"
-        for b in best_of_threads(payload["entries"])
-    ]
+    for b in best_of_threads(payload["entries"]):
+        exact = (
+            f"{b['bptt_handwritten_s']:.3f} ({b['bptt_handwritten_threads']}) "
+            f"| {b['speedup_vs_handwritten']:.2f}x"
+            if "bptt_handwritten_s" in b
+            else "– | –"
+        )
+        lines.append(
+            f"| {b['model']} | {b['hidden']} | {b['T']} | {b['bptt_s']:.3f} ({b['bptt_threads']}) "
+            f"| {b['feedback_s']:.3f} ({b['feedback_threads']}) | {b['speedup']:.2f}x "
+            f"| {b['nn_gru_s']:.3f} ({b['nn_gru_threads']}) | {exact} |"
+        )
     lines += ["", "Targets (best against best): " + json.dumps(payload["targets"])]
     return "\n".join(lines)
 

@@ -90,3 +90,11 @@ def test_handwritten_exact_bptt_has_autograd_bptts_gradients(name: str) -> None:
     for param, reference in zip(model.parameters(), autograd, strict=True):
         assert param.grad is not None
         assert torch.allclose(param.grad, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_the_hand_written_exact_bptt_is_also_taken_at_its_fastest_count() -> None:
+    one, two = _entry("lmn", 1, 0.080, 0.050, 0.140), _entry("lmn", 2, 0.120, 0.040, 0.130)
+    one["bptt_handwritten_s"], two["bptt_handwritten_s"] = 0.060, 0.052
+    (best,) = train_speed.best_of_threads([one, two])
+    assert (best["bptt_handwritten_s"], best["bptt_handwritten_threads"]) == (0.052, 2)
+    assert best["speedup_vs_handwritten"] == 1.3  # 0.052 / 0.040
