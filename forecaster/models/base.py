@@ -281,6 +281,31 @@ class RecurrentForecaster(nn.Module):
             (product,) = torch.autograd.grad(s_hat, s_in, v.to(s_hat.dtype))
         return product
 
+    @torch.jit.ignore
+    def exact_deltas(
+        self, x: Tensor, states: Tensor, direct: Tensor, aux: Tensor | None = None
+    ) -> Tensor:
+        """BPTT's `δ_t = dL/ds_t` by the exact reverse recursion `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}`
+        (ALGORITHMS.md §5.1): `x [B, T, d]`, the window's states `[B, T+1, S]`, the head's
+        direct gradients `g [B, T, S]`, `aux [T, B, C]` as `cell_backward` -> `δ [B, T, S]`.
+        With `cell_backward` this is exact BPTT from the no-grad forward (the trainer's `bptt`
+        for a model that overrides it, `forecaster.training.feedback.exact_bptt_gradients`).
+
+        This default walks the steps with `state_vjp`, one Python call per step: correct for
+        every model, fast for none; MI-GRU and LMN replace it with one scripted loop.
+        """
+        with torch.no_grad():
+            x_tm, s_tm = x.transpose(0, 1), states.transpose(0, 1)  # [T, B, d], [T+1, B, S]
+            g_tm = direct.transpose(0, 1)  # [T, B, S]
+            delta = torch.empty_like(g_tm)  # [T, B, S]
+            d = g_tm[-1]
+            delta[-1] = d
+            for t in range(g_tm.size(0) - 2, -1, -1):
+                kept = None if aux is None else aux[t + 1]
+                d = g_tm[t] + self.state_vjp(x_tm[t + 1], s_tm[t + 1], d, kept).to(d.dtype)
+                delta[t] = d
+        return delta.transpose(0, 1)
+
     def _check_input(self, x: Tensor, s0: Tensor | None) -> None:
         if x.dim() != 3 or x.size(-1) != self.input_size:
             raise ModelError(

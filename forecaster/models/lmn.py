@@ -120,6 +120,37 @@ def _scripted_sigmoid_states() -> Callable[..., tuple[Tensor, Tensor]] | None:
     return script_loop(_sigmoid_states, "LMN")
 
 
+def _memory_vjp(
+    v: Tensor, u: Tensor, encoder: Tensor, w_mm: Tensor, w_mh: Tensor, base: Tensor | None
+) -> Tensor:
+    """`J_tᵀ v` of the folded LMN step (`LMN.state_vjp`) for rows `v [N, p]` with kept gates
+    `u [N, h]`, `encoder` = `c² W^{hm} [p, h]`: `v W^{mm} + dz W^{mh}` with
+    `dz = (v c² W^{hm}) ⊙ u (1 − u)`; plus `base [N, p]` when given."""
+    dz = torch.mm(v, encoder).mul_(torch.addcmul(u, u, u, value=-1.0))  # [N, h]
+    memory = torch.mm(v, w_mm) if base is None else torch.addmm(base, v, w_mm)  # [N, p]
+    return torch.addmm(memory, dz, w_mh)
+
+
+def _exact_deltas(g: Tensor, u: Tensor, encoder: Tensor, w_mm: Tensor, w_mh: Tensor) -> Tensor:
+    """BPTT's reverse recursion `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}` (`_memory_vjp`): `g [T, B, p]`
+    direct gradients, kept gates `u [T, B, h]` -> `δ [T, B, p]`, three small matmuls per step."""
+    steps = g.size(0)
+    delta = torch.empty_like(g)
+    d = g[steps - 1]
+    delta[steps - 1] = d
+    for t in range(steps - 2, -1, -1):
+        d = _memory_vjp(d, u[t + 1], encoder, w_mm, w_mh, g[t])
+        delta[t] = d
+    return delta
+
+
+@functools.cache
+def _scripted_exact_deltas() -> Callable[..., Tensor] | None:
+    """`_exact_deltas` scripted once per process (None if that fails: the base class's
+    per-step `state_vjp` loop gives the same `δ`)."""
+    return script_loop(_exact_deltas, "LMN")
+
+
 @dataclass(frozen=True)
 class LMNConfig:
     """Architectural hyper-parameters of the LMN (ALGORITHMS.md §3.1, §3.3)."""
@@ -349,11 +380,39 @@ class LMN(RecurrentForecaster):
             v = v.to(s_prev.dtype)
             if aux is None:
                 dz = (v @ encoder).mul_(self._functional(x, s_prev)[1])  # [R, h]
-            else:
-                c = _activation_scale(self.config.activation)
-                u = aux.to(s_prev.dtype)  # [R, h]
-                dz = (v @ (encoder * (c * c))).mul_(torch.addcmul(u, u, u, value=-1.0))
-            return torch.addmm(v @ self.memory.weight[:, hidden:], dz, self.memory_to_hidden)
+                return torch.addmm(v @ self.memory.weight[:, hidden:], dz, self.memory_to_hidden)
+            c = _activation_scale(self.config.activation)
+            return _memory_vjp(
+                v.to(s_prev.dtype),
+                aux.to(s_prev.dtype),
+                encoder * (c * c),
+                self.memory.weight[:, hidden:],
+                self.memory_to_hidden,
+                None,
+            )
+
+    @torch.jit.ignore
+    def exact_deltas(
+        self, x: Tensor, states: Tensor, direct: Tensor, aux: Tensor | None = None
+    ) -> Tensor:
+        """`RecurrentForecaster.exact_deltas` as one scripted loop over the kept gates
+        (`_exact_deltas`); the base class's per-step loop without them, under autocast or when
+        the loop cannot be scripted."""
+        loop = _scripted_exact_deltas()
+        if aux is None or loop is None or torch.is_autocast_enabled(x.device.type):
+            return super().exact_deltas(x, states, direct, aux)
+        hidden = self.hidden_size
+        weight = self.memory.weight
+        c = _activation_scale(self.config.activation)
+        with torch.no_grad():
+            delta = loop(
+                direct.transpose(0, 1).to(weight.dtype),  # [T, B, p]
+                aux.to(weight.dtype),  # [T, B, h]
+                weight[:, :hidden] * (c * c),
+                weight[:, hidden:].contiguous(),
+                self.memory_to_hidden,
+            )
+        return delta.transpose(0, 1)  # type: ignore[no-any-return]
 
     def functional_states(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
         """The functional component's outputs `h_t` of every step: `x [B, T, d] -> [B, T, h]`."""

@@ -75,6 +75,49 @@ def _kept_states(
     return states.transpose(0, 1), aux
 
 
+def _gate_grads(
+    delta: Tensor, aux: Tensor, gain: Tensor, h_prev: Tensor, hs: int, out: Tensor
+) -> None:
+    """The gradients of the three gates' pre-activations for rows `delta = dL/dh_t [N, h]`,
+    kept `aux = [u; r; z; n] [N, 6h]`, gain `A [N, 3h]`, `h_prev [N, h]`, written into
+    `out [N, 3h]` = `[dr⊙r(1−r), dz⊙z(1−z), dn̂]` (`MiGRU._kept_backward`, ALGORITHMS.md §1.2
+    differentiated): `dn̂ = δ⊙(1 − z)⊙(1 − n²)`, `dr = dn̂⊙A_n⊙u_n`, `dz = δ⊙(h − n)`."""
+    u_n = aux[:, 2 * hs : 3 * hs]
+    r, z, n = aux[:, 3 * hs : 4 * hs], aux[:, 4 * hs : 5 * hs], aux[:, 5 * hs :]
+    g_n = torch.mul(delta - delta * z, 1 - n * n, out=out[:, 2 * hs :])
+    torch.mul(g_n * gain[:, 2 * hs :] * u_n, r - r * r, out=out[:, :hs])
+    torch.mul(delta * (h_prev - n), z - z * z, out=out[:, hs : 2 * hs])
+
+
+def _exact_deltas(
+    g: Tensor, gain: Tensor, aux: Tensor, states: Tensor, w_hh: Tensor, hs: int
+) -> Tensor:
+    """BPTT's reverse recursion `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}` with `J_{t+1}ᵀ δ = δ⊙z + du U`
+    (`MiGRU.state_vjp`): `g [T, B, h]` direct gradients, `gain [T, B, 3h]` = A, `aux [T, B, 6h]`,
+    `states [T+1, B, h]` -> `δ [T, B, h]`, per step one `[B, 3h] x [3h, h]` matmul."""
+    steps = g.size(0)
+    delta = torch.empty_like(g)
+    pre = torch.empty(g.size(1), 3 * hs, dtype=g.dtype, device=g.device)  # [B, 3h] scratch
+    d = g[steps - 1]
+    delta[steps - 1] = d
+    for t in range(steps - 2, -1, -1):
+        k = t + 1  # the step through which δ_t reaches the loss beyond its head
+        kept = aux[k]
+        _gate_grads(d, kept, gain[k], states[k], hs, pre)
+        pre[:, 2 * hs :].mul_(kept[:, 3 * hs : 4 * hs])  # dq: the candidate's reset r⊙
+        du = pre.mul_(gain[k])  # [B, 3h] = dq ⊙ A
+        d = torch.addmm(torch.addcmul(g[t], d, kept[:, 4 * hs : 5 * hs]), du, w_hh)
+        delta[t] = d
+    return delta
+
+
+@functools.cache
+def _scripted_exact_deltas() -> Callable[..., Tensor] | None:
+    """`_exact_deltas` scripted once per process (None if that fails: the base class's
+    per-step `state_vjp` loop gives the same `δ`)."""
+    return script_loop(_exact_deltas, "MI-GRU")
+
+
 @functools.cache
 def _scripted_kept_states() -> Callable[..., tuple[Tensor, Tensor]] | None:
     """`_kept_states` scripted once per process (None if that fails: the generic scripted loop
@@ -224,15 +267,11 @@ class MiGRU(RecurrentForecaster):
         cell, hidden = self.cell, self.hidden_size
         dtype = s_prev.dtype
         delta, aux = delta.to(dtype), aux.to(dtype)
-        u, gates = aux[:, : 3 * hidden], aux[:, 3 * hidden :]  # [R, 3h] each
-        r, z, n = gates[:, :hidden], gates[:, hidden : 2 * hidden], gates[:, 2 * hidden :]
+        u, r = aux[:, : 3 * hidden], aux[:, 3 * hidden : 4 * hidden]  # [R, 3h], [R, h]
         weight, bias = cell.projection()
         gain = F.linear(x.to(dtype), weight[: 3 * hidden], bias[: 3 * hidden])  # [R, 3h] = A
         g = torch.empty_like(u)  # [R, 3h]
-        g_r, g_z, g_n = g[:, :hidden], g[:, hidden : 2 * hidden], g[:, 2 * hidden :]
-        torch.mul(delta - delta * z, 1 - n * n, out=g_n)  # dn̂
-        torch.mul(g_n * gain[:, 2 * hidden :] * u[:, 2 * hidden :], r - r * r, out=g_r)
-        torch.mul(delta * (s_prev - n), z - z * z, out=g_z)
+        _gate_grads(delta, aux, gain, s_prev, hidden, g)
         dq = g.clone()
         dq[:, 2 * hidden :].mul_(r)
         grad_gain = dq * u  # [R, 3h] = dA
@@ -292,3 +331,29 @@ class MiGRU(RecurrentForecaster):
             du = self._kept_backward(x, s_prev, v, aux)[2]
             z = aux[:, 4 * hidden : 5 * hidden].to(s_prev.dtype)
             return torch.addmm(v.to(s_prev.dtype) * z, du, self.cell.weight_hh)  # [R, h]
+
+    @torch.jit.ignore
+    def exact_deltas(
+        self, x: Tensor, states: Tensor, direct: Tensor, aux: Tensor | None = None
+    ) -> Tensor:
+        """`RecurrentForecaster.exact_deltas` as one scripted loop over the kept `aux`
+        (`_exact_deltas`); the base class's per-step loop without `aux`, under autocast or when
+        the loop cannot be scripted."""
+        loop = _scripted_exact_deltas()
+        if aux is None or loop is None or torch.is_autocast_enabled(x.device.type):
+            return super().exact_deltas(x, states, direct, aux)
+        cell, hidden = self.cell, self.hidden_size
+        dtype = cell.weight_hh.dtype
+        with torch.no_grad():
+            weight, bias = cell.projection()
+            x_tm = x.transpose(0, 1).to(dtype)  # [T, B, d]
+            gain = F.linear(x_tm, weight[: 3 * hidden], bias[: 3 * hidden])  # [T, B, 3h] = A
+            delta = loop(
+                direct.transpose(0, 1).to(dtype).contiguous(),  # [T, B, h]
+                gain,
+                aux.to(dtype),
+                states.transpose(0, 1).to(dtype),  # [T+1, B, h]
+                cell.weight_hh,
+                hidden,
+            )
+        return delta.transpose(0, 1)  # type: ignore[no-any-return]

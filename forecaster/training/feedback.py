@@ -58,6 +58,7 @@ __all__ = [
     "batched_cell_backward",
     "corrected_deltas",
     "estimate_feedback",
+    "exact_bptt_gradients",
     "feedback_at_parameters",
     "feedback_gradients",
     "feedback_states",
@@ -1165,16 +1166,85 @@ def feedback_gradients(
             f"{expected[1]} nor [S, S] = {expected[2]}",
             field="d",
         )
+    units = model.feedback_units
+    if isinstance(d, Tensor) and units < width:
+        d = d[:units, :units] if d.shape == expected[2] else d[..., :units]
+
+    def deltas(
+        core: RecurrentForecaster, states: Tensor, direct: Tensor, aux: Tensor | None
+    ) -> Tensor:
+        fixed = d
+        if isinstance(fixed, PerStepDiagonal):
+            fixed = per_step_feedback(core, x, states[:, :-1], fixed.rho_max)  # [B, T, F]
+        return corrected_deltas(
+            core,
+            x,
+            states[:, :-1],
+            direct,
+            fixed,
+            corrections,
+            scan=scan,
+            block_rows=block_rows,
+            aux=aux,
+        )
+
+    return _gradients_from_deltas(model, x, target, mask, loss_fn, s0, deltas, block_rows)
+
+
+def exact_bptt_gradients(
+    model: RecurrentForecaster,
+    x: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    loss_fn: LossFn,
+    *,
+    s0: Tensor | None = None,
+) -> Tensor:
+    """Exact BPTT gradients from the parts of `feedback_gradients` (ALGORITHMS.md §5.1): the
+    same no-grad forward, head and batched cell backward, with the exact reverse recursion
+    `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}` (`model.feedback_core().exact_deltas`) in place of the fixed
+    feedback's scan. Equal to autograd BPTT up to rounding, without its tape: MI-GRU and LMN
+    run it as one scripted loop, 1.2–1.6x faster than autograd through their forward at
+    h = 64 on CPU and at about half its memory (benchmarks/results/train_speed.md). Not under
+    autocast (the kept gates are not autocast's): the caller uses autograd there.
+
+    Returns:
+        The loss, detached.
+
+    Raises:
+        ModelError: the model does not support feedback (its window cannot be split into a
+            stored forward and a head; LSTM).
+    """
+    _require_feedback(model)
+    _check_window(model, x, s0)
+
+    def deltas(
+        core: RecurrentForecaster, states: Tensor, direct: Tensor, aux: Tensor | None
+    ) -> Tensor:
+        return core.exact_deltas(x, states, direct, aux)
+
+    return _gradients_from_deltas(model, x, target, mask, loss_fn, s0, deltas, None)
+
+
+def _gradients_from_deltas(
+    model: RecurrentForecaster,
+    x: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    loss_fn: LossFn,
+    s0: Tensor | None,
+    deltas: Callable[[RecurrentForecaster, Tensor, Tensor, Tensor | None], Tensor],
+    block_rows: int | None,
+) -> Tensor:
+    """(a) the no-grad forward, (c1) the head's gradients and the direct `G`, `δ` from
+    `deltas(core, states [B, T+1, F], G [B, T, F], aux)`, then (b)+(d) the batched cell
+    backward: `feedback_gradients` and `exact_bptt_gradients` differ only in `deltas`."""
     # The units that reach a parameter, as a model of their own (`feedback_core`); the rest
     # feed only the head, which `window_readout` reads from x and s0.
     core, units = model.feedback_core(), model.feedback_units
     if s0 is None:
         s0 = model.initial_state(x.shape[0], x.device, x.dtype)
-    if isinstance(d, Tensor) and units < width:
-        d = d[:units, :units] if d.shape == expected[2] else d[..., :units]
     states, aux = feedback_states(core, x, s0[:, :units])  # [B, T+1, F], [T, B, C] or None
-    if isinstance(d, PerStepDiagonal):
-        d = per_step_feedback(core, x, states[:, :-1], d.rho_max)  # [B, T, F]
     s_leaf = states[:, 1:].detach().requires_grad_(True)  # [B, T, F]
     pred = model.window_readout(s_leaf, x, s0)  # [B, T, H]
     loss = loss_fn(to_loss_dtype(pred), target, mask)
@@ -1182,9 +1252,7 @@ def feedback_gradients(
     loss.backward()
     direct = s_leaf.grad if s_leaf.grad is not None else torch.zeros_like(s_leaf)  # G [B, T, F]
     del s_leaf
-    delta = corrected_deltas(
-        core, x, states[:, :-1], direct, d, corrections, scan=scan, block_rows=block_rows, aux=aux
-    )  # [B, T, F]
+    delta = deltas(core, states, direct, aux)  # [B, T, F]
     del direct
     batched_cell_backward(core, x, states[:, :-1], delta, block_rows=block_rows, aux=aux)
     return loss.detach()

@@ -14,8 +14,19 @@ from forecaster.errors import ModelError
 from forecaster.losses import ForecastLoss
 from forecaster.models.base import RecurrentForecaster
 from forecaster.models.registry import build
-from forecaster.training.feedback import estimate_feedback, feedback_gradients
-from forecaster.training.gradients import bptt_gradients, compute_gradients, tbptt_gradients
+from forecaster.training.feedback import (
+    estimate_feedback,
+    exact_bptt_gradients,
+    feedback_gradients,
+    feedback_states,
+)
+from forecaster.training.gradients import (
+    autograd_bptt_gradients,
+    bptt_gradients,
+    compute_gradients,
+    hand_written_bptt,
+    tbptt_gradients,
+)
 
 B, T, D, HID, HORIZON = 3, 7, 4, 5, 2
 F64 = torch.float64
@@ -73,6 +84,114 @@ def test_bptt_loss_is_the_full_window_loss(name: str, params: dict[str, object])
     assert not loss.requires_grad
     assert all(torch.isfinite(g).all() for g in grads.values())
     assert grads["head.weight"].abs().max().item() > 0
+
+
+HAND_WRITTEN = [
+    ("mi_gru", {"mi_init": "mi"}),
+    ("lmn", {"memory_size": 6}),
+    ("lmn", {"memory_size": 6, "activation": "sigmoid"}),
+    ("mi_gru", {"mi_init": "mi", "linear_lags": 4}),
+    ("lmn", {"memory_size": 6, "linear_lags": 3}),
+]
+HAND_WRITTEN_IDS = ["mi_gru", "lmn", "lmn-sigmoid", "mi_gru+lin4", "lmn+lin3"]
+
+
+def _autograd(
+    model: RecurrentForecaster, x: Tensor, y: Tensor, m: Tensor, s0: Tensor | None, loss_fn=LOSS
+):
+    model.zero_grad(set_to_none=True)
+    loss = autograd_bptt_gradients(model, x, y, m, loss_fn, s0=s0)
+    return loss, parameter_grads(model)
+
+
+@pytest.mark.parametrize("steps", [1, 2, T])
+@pytest.mark.parametrize(("name", "params"), HAND_WRITTEN, ids=HAND_WRITTEN_IDS)
+def test_bptt_runs_the_hand_written_recursion_and_equals_autograd(
+    name: str, params: dict[str, object], steps: int
+) -> None:
+    model = _model(name, params)
+    with torch.no_grad():  # weight on the lag register, so its head gradient is compared
+        model.head.weight.normal_(0.0, 0.5)
+    x, y, m = _data(steps)
+    s0 = torch.randn(B, model.state_size, dtype=F64)
+    assert hand_written_bptt(model, x, s0)
+    loss_fn = ForecastLoss(eta=1.0, gamma=0.5, burn_in=0)  # every step has loss, T = 1 too
+    for start in (None, s0):
+        model.zero_grad(set_to_none=True)
+        loss = compute_gradients("bptt", model, x, y, m, loss_fn, s0=start)
+        grads = parameter_grads(model)
+        loss_a, grads_a = _autograd(model, x, y, m, start, loss_fn)
+        assert abs(loss.item() - loss_a.item()) <= 1e-14
+        assert max_grad_diff(grads, grads_a) <= 1e-12
+        assert grads["head.weight"].abs().max().item() > 0
+        core = "cell.weight_hh" if name == "mi_gru" else "memory_to_hidden"
+        recurrent = grads[core if "linear_lags" not in params else f"inner.{core}"]
+        assert (recurrent.abs().max().item() > 0) is (steps > 1 or start is not None)
+
+
+@pytest.mark.parametrize(("name", "params"), HAND_WRITTEN[:3], ids=HAND_WRITTEN_IDS[:3])
+def test_scripted_recursion_equals_the_per_step_state_vjp_loop(
+    name: str, params: dict[str, object]
+) -> None:
+    model = _model(name, params)
+    x, _, _ = _data()
+    s0 = torch.randn(B, model.state_size, dtype=F64)
+    states, aux = feedback_states(model, x, s0)
+    assert aux is not None
+    direct = torch.randn(B, T, model.state_size, dtype=F64)
+    scripted = model.exact_deltas(x, states, direct, aux)
+    per_step = RecurrentForecaster.exact_deltas(model, x, states, direct, aux)
+    without_aux = model.exact_deltas(x, states, direct, None)  # autograd state_vjp per step
+    assert (scripted - per_step).abs().max().item() <= 1e-13
+    assert (scripted - without_aux).abs().max().item() <= 1e-13
+    assert scripted.shape == direct.shape
+    assert (scripted[:, -1] == direct[:, -1]).all()  # the last step has only its head
+
+
+@pytest.mark.parametrize(("name", "params"), [MODELS[3]], ids=["scrn"])
+def test_the_base_class_recursion_gives_exact_bptt_for_any_feedback_model(
+    name: str, params: dict[str, object]
+) -> None:
+    model = _model(name, params)
+    x, y, m = _data()
+    assert not hand_written_bptt(model, x)  # no scripted loop: bptt stays autograd
+    model.zero_grad(set_to_none=True)
+    loss = exact_bptt_gradients(model, x, y, m, LOSS)
+    grads = parameter_grads(model)
+    loss_a, grads_a = _autograd(model, x, y, m, None)
+    assert abs(loss.item() - loss_a.item()) <= 1e-14
+    assert max_grad_diff(grads, grads_a) <= 1e-12
+
+
+@pytest.mark.parametrize(("name", "params"), MODELS, ids=MODEL_IDS)
+def test_autograd_runs_where_the_hand_written_path_cannot(
+    name: str, params: dict[str, object]
+) -> None:
+    model = _model(name, params)
+    x, _, _ = _data()
+    expected = name in ("mi_gru", "lmn")
+    assert hand_written_bptt(model, x) is expected
+    assert not hand_written_bptt(model, x.clone().requires_grad_(True))  # input gradients
+    s0 = torch.zeros(B, model.state_size, dtype=F64, requires_grad=True)
+    assert not hand_written_bptt(model, x, s0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not hand_written_bptt(model, x)  # the kept gates are not autocast's
+
+
+def test_hand_written_bptt_gives_input_gradients_through_autograd() -> None:
+    model = _model("lmn", {"memory_size": 6})
+    x, y, m = _data()
+    x_leaf = x.clone().requires_grad_(True)
+    _run("bptt", model, x_leaf, y, m)
+    assert x_leaf.grad is not None
+    assert x_leaf.grad.abs().max().item() > 0
+
+
+def test_hand_written_bptt_is_refused_for_a_model_without_feedback() -> None:
+    model = _model("lstm", {})
+    x, y, m = _data()
+    with pytest.raises(ModelError, match=r"'lstm' does not support fixed-feedback training"):
+        exact_bptt_gradients(model, x, y, m, LOSS)
 
 
 @pytest.mark.parametrize("truncation", [T, T + 5])
