@@ -363,10 +363,12 @@ def time_shipped(device: str, rounds: int) -> list[dict[str, Any]]:
     for (name, lags), case in cases.items():
         variants[f"{name}+{lags}/bptt"] = step_fn("bptt", case)
         variants[f"{name}+{lags}/matrix"] = step_fn("feedback", case, "d_matrix")
+        variants[f"{name}+{lags}/autograd"] = step_fn("autograd_bptt", case)
     times = interleaved(variants, rounds)
     out = []
     for name, lags in SHIPPED:
         bp, fb = times[f"{name}+{lags}/bptt"], times[f"{name}+{lags}/matrix"]
+        autograd = times[f"{name}+{lags}/autograd"]
         entry = {
             "model": name if lags == 0 else f"{name}+lin{lags}",
             "hidden": SHIPPED_HIDDEN,
@@ -374,6 +376,8 @@ def time_shipped(device: str, rounds: int) -> list[dict[str, Any]]:
             "bptt_s": round(statistics.median(bp), 4),
             "feedback_matrix_s": round(statistics.median(fb), 4),
             "speedup_matrix": round(statistics.median(bp) / statistics.median(fb), 3),
+            "autograd_bptt_s": round(statistics.median(autograd), 4),
+            "speedup_vs_autograd": round(statistics.median(autograd) / statistics.median(fb), 3),
         }
         print(
             f"{entry['model']:12s} h={SHIPPED_HIDDEN} T={SHIPPED_T}  bptt {entry['bptt_s']:.3f}  "
@@ -684,10 +688,11 @@ def markdown(payload: dict[str, Any]) -> str:
         f"Load average at start {s['load_average_start']}, after timing "
         f"{s['load_average_after_timing']}.",
         "",
-        "BPTT is the trainer's `bptt`: for the MI-GRU and the LMN, exact BPTT from the same "
-        "hand-written parts as feedback (scripted forward keeping the gates, exact reverse "
-        "recursion, closed-form cell backward); for nn.GRU and SCRN, autograd. Autograd BPTT: "
-        "autograd through the model's loop, the reference a user would write.",
+        "BPTT is the trainer's `bptt`: for the MI-GRU, the LMN and SCRN, exact BPTT from the "
+        "same hand-written parts as feedback (the scripted forward, the exact reverse recursion "
+        "as one scripted loop, the cell backward); for nn.GRU, autograd through its fused "
+        "kernel. Autograd BPTT: autograd through the model's loop, the reference a user would "
+        "write.",
         "",
         "| model | h | T | BPTT s | feedback s | speedup | matrix feedback s | speedup | "
         "feedback + 1 correction s | speedup | nn.GRU BPTT s | peak MB BPTT | peak MB feedback "
@@ -720,12 +725,15 @@ def markdown(payload: dict[str, Any]) -> str:
             "SCRN and the shipped ETTh1 model (`configs/etth1.yaml`: SCRN + 336 lags, matrix "
             "feedback), same batch and rounds:",
             "",
-            "| model | h | T | BPTT s | matrix feedback s | speedup |",
-            "|---|---|---|---|---|---|",
+            "| model | h | T | BPTT s | matrix feedback s | speedup | autograd BPTT s "
+            "| feedback speedup vs it |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {e['model']} | {e['hidden']} | {e['T']} | {e['bptt_s']:.3f} "
-            f"| {e['feedback_matrix_s']:.3f} | {e['speedup_matrix']:.2f}x |"
+            f"| {e['feedback_matrix_s']:.3f} | {e['speedup_matrix']:.2f}x "
+            f"| {_or_dash(e, 'autograd_bptt_s', '.3f')} "
+            f"| {_or_dash(e, 'speedup_vs_autograd', '.2f')} |"
             for e in payload["shipped"]
         ]
     lines += [

@@ -67,6 +67,34 @@ def _scripted_srn_states() -> Callable[..., Tensor] | None:
     return script_loop(_srn_states, "SCRN")
 
 
+def _srn_exact_deltas(
+    g: Tensor, states: Tensor, matrix: Tensor, context: int, sigmoid: bool
+) -> Tensor:
+    """BPTT's reverse recursion `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}` of the block-form SRN: with
+    `q = a + s_{t−1} Mᵀ` and the activation on the hidden units, `J_tᵀ v = [v_c; v_h ⊙ σ'_t] M`,
+    where the slope `σ'_t` comes from the stored `h_t` (sigmoid `h (1 − h)`, tanh `1 − h²`).
+    `g [T, B, S]` direct gradients, `states [T+1, B, S]`, `M [S, S]` -> `δ [T, B, S]`, one
+    `[B, S] x [S, S]` matmul per step."""
+    steps = g.size(0)
+    delta = torch.empty_like(g)
+    d = g[steps - 1]
+    delta[steps - 1] = d
+    for t in range(steps - 2, -1, -1):
+        h = states[t + 2, :, context:]  # h_{t+1}: the step through which δ_t reaches further
+        slope = h - h * h if sigmoid else 1 - h * h
+        dq = torch.cat([d[:, :context], d[:, context:] * slope], dim=1)  # [B, S]
+        d = torch.addmm(g[t], dq, matrix)
+        delta[t] = d
+    return delta
+
+
+@functools.cache
+def _scripted_exact_deltas() -> Callable[..., Tensor] | None:
+    """`_srn_exact_deltas` scripted once per process (None if that fails: the base class's
+    per-step `state_vjp` loop gives the same `δ`)."""
+    return script_loop(_srn_exact_deltas, "SCRN")
+
+
 @dataclass(frozen=True)
 class SCRNConfig:
     """Architectural hyper-parameters of the SCRN (ALGORITHMS.md §2)."""
@@ -196,3 +224,24 @@ class SCRN(RecurrentForecaster):
             s = self._advance(a_t, s, matrix)  # [B, c + h]
             states.append(s)
         return torch.stack(states, dim=1)  # [B, T+1, c + h]
+
+    @torch.jit.ignore
+    def exact_deltas(
+        self, x: Tensor, states: Tensor, direct: Tensor, aux: Tensor | None = None
+    ) -> Tensor:
+        """`RecurrentForecaster.exact_deltas` as one scripted loop (`_srn_exact_deltas`): the
+        stored hidden units give the activation's slope, so no `aux` is needed. The base class's
+        per-step loop under autocast or when the loop cannot be scripted."""
+        loop = _scripted_exact_deltas()
+        if loop is None or torch.is_autocast_enabled(x.device.type):
+            return super().exact_deltas(x, states, direct, aux)
+        with torch.no_grad():
+            matrix = self.recurrent_matrix()  # [S, S]
+            delta = loop(
+                direct.transpose(0, 1).to(matrix.dtype).contiguous(),  # [T, B, S]
+                states.transpose(0, 1).to(matrix.dtype),  # [T+1, B, S]
+                matrix,
+                self.context_size,
+                self.config.activation == "sigmoid",
+            )
+        return delta.transpose(0, 1)  # type: ignore[no-any-return]

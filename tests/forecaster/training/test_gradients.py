@@ -90,10 +90,27 @@ HAND_WRITTEN = [
     ("mi_gru", {"mi_init": "mi"}),
     ("lmn", {"memory_size": 6}),
     ("lmn", {"memory_size": 6, "activation": "sigmoid"}),
+    ("scrn", {"context_size": 3}),
+    ("scrn", {"context_size": 3, "activation": "tanh"}),
     ("mi_gru", {"mi_init": "mi", "linear_lags": 4}),
     ("lmn", {"memory_size": 6, "linear_lags": 3}),
+    ("scrn", {"context_size": 3, "linear_lags": 5}),
 ]
-HAND_WRITTEN_IDS = ["mi_gru", "lmn", "lmn-sigmoid", "mi_gru+lin4", "lmn+lin3"]
+HAND_WRITTEN_IDS = [
+    "mi_gru",
+    "lmn",
+    "lmn-sigmoid",
+    "scrn",
+    "scrn-tanh",
+    "mi_gru+lin4",
+    "lmn+lin3",
+    "scrn+lin5",
+]
+RECURRENT_WEIGHT = {
+    "mi_gru": "cell.weight_hh",
+    "lmn": "memory_to_hidden",
+    "scrn": "recurrent_weight",
+}
 
 
 def _autograd(
@@ -124,12 +141,14 @@ def test_bptt_runs_the_hand_written_recursion_and_equals_autograd(
         assert abs(loss.item() - loss_a.item()) <= 1e-14
         assert max_grad_diff(grads, grads_a) <= 1e-12
         assert grads["head.weight"].abs().max().item() > 0
-        core = "cell.weight_hh" if name == "mi_gru" else "memory_to_hidden"
+        core = RECURRENT_WEIGHT[name]
         recurrent = grads[core if "linear_lags" not in params else f"inner.{core}"]
+        if name == "scrn":  # R, the hidden-to-hidden block (P also feeds the input side)
+            recurrent = recurrent[:, params["context_size"] :]  # type: ignore[misc]
         assert (recurrent.abs().max().item() > 0) is (steps > 1 or start is not None)
 
 
-@pytest.mark.parametrize(("name", "params"), HAND_WRITTEN[:3], ids=HAND_WRITTEN_IDS[:3])
+@pytest.mark.parametrize(("name", "params"), HAND_WRITTEN[:5], ids=HAND_WRITTEN_IDS[:5])
 def test_scripted_recursion_equals_the_per_step_state_vjp_loop(
     name: str, params: dict[str, object]
 ) -> None:
@@ -137,7 +156,7 @@ def test_scripted_recursion_equals_the_per_step_state_vjp_loop(
     x, _, _ = _data()
     s0 = torch.randn(B, model.state_size, dtype=F64)
     states, aux = feedback_states(model, x, s0)
-    assert aux is not None
+    assert (aux is None) is (name == "scrn")  # SCRN's slopes come from its stored states
     direct = torch.randn(B, T, model.state_size, dtype=F64)
     scripted = model.exact_deltas(x, states, direct, aux)
     per_step = RecurrentForecaster.exact_deltas(model, x, states, direct, aux)
@@ -148,13 +167,10 @@ def test_scripted_recursion_equals_the_per_step_state_vjp_loop(
     assert (scripted[:, -1] == direct[:, -1]).all()  # the last step has only its head
 
 
-@pytest.mark.parametrize(("name", "params"), [MODELS[3]], ids=["scrn"])
-def test_the_base_class_recursion_gives_exact_bptt_for_any_feedback_model(
-    name: str, params: dict[str, object]
-) -> None:
-    model = _model(name, params)
+def test_the_base_class_recursion_gives_exact_bptt_for_any_feedback_model() -> None:
+    model = _model("gru", {})
     x, y, m = _data()
-    assert not hand_written_bptt(model, x)  # no scripted loop: bptt stays autograd
+    assert not hand_written_bptt(model, x)  # no scripted loop: bptt stays the fused kernel
     model.zero_grad(set_to_none=True)
     loss = exact_bptt_gradients(model, x, y, m, LOSS)
     grads = parameter_grads(model)
@@ -169,7 +185,7 @@ def test_autograd_runs_where_the_hand_written_path_cannot(
 ) -> None:
     model = _model(name, params)
     x, _, _ = _data()
-    expected = name in ("mi_gru", "lmn")
+    expected = name in ("mi_gru", "lmn", "scrn")
     assert hand_written_bptt(model, x) is expected
     assert not hand_written_bptt(model, x.clone().requires_grad_(True))  # input gradients
     s0 = torch.zeros(B, model.state_size, dtype=F64, requires_grad=True)
