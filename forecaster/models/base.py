@@ -17,8 +17,9 @@ The carried state is always ONE tensor `s [N, S]` with `S = state_size` (GRU/MI-
 LSTM: `[h; c]`; LMN: `m`; SCRN: `[s_ctx; h]`), which keeps the time loop, the ONNX step graph and
 the feedback trainer generic. Everything else (`step`, `run_states`, `forward`, `forecast`,
 `recompute_states`, `cell_backward`) is written once here from those three pieces; a model may
-replace `run_states` and `cell_backward` with faster equivalents, and may keep per-step values of
-its forward for its `cell_backward` (`feedback_forward`, LMN). A model whose state carries units
+replace `run_states`, `cell_backward` and `exact_deltas` (BPTT's reverse recursion) with faster
+equivalents, and may keep per-step values of its forward for its `cell_backward`
+(`feedback_forward`, LMN). A model whose state carries units
 that feed only the head (`feedback_units < state_size`) hands the fixed-feedback trainer the
 model of the other units (`feedback_core`, `LinearLags`: the wrapped model).
 
@@ -292,7 +293,7 @@ class RecurrentForecaster(nn.Module):
         for a model that overrides it, `forecaster.training.feedback.exact_bptt_gradients`).
 
         This default walks the steps with `state_vjp`, one Python call per step: correct for
-        every model, fast for none; MI-GRU and LMN replace it with one scripted loop.
+        every model, fast for none; the MI-GRU, LMN and SCRN replace it with one scripted loop.
         """
         with torch.no_grad():
             x_tm, s_tm = x.transpose(0, 1), states.transpose(0, 1)  # [T, B, d], [T+1, B, S]

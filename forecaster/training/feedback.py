@@ -1203,10 +1203,11 @@ def exact_bptt_gradients(
     """Exact BPTT gradients from the parts of `feedback_gradients` (ALGORITHMS.md §5.1): the
     same no-grad forward, head and batched cell backward, with the exact reverse recursion
     `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}` (`model.feedback_core().exact_deltas`) in place of the fixed
-    feedback's scan. Equal to autograd BPTT up to rounding, without its tape: MI-GRU and LMN
-    run it as one scripted loop, 1.2–1.6x faster than autograd through their forward at
-    h = 64 on CPU and at about half its memory (benchmarks/results/train_speed.md). Not under
-    autocast (the kept gates are not autocast's): the caller uses autograd there.
+    feedback's scan. Equal to autograd BPTT up to rounding, without its tape: the MI-GRU, LMN
+    and SCRN run the recursion as one scripted loop, 1.5–1.8x faster than autograd through
+    their forward at h = 64 on CPU (1.1–1.3x at h = 256), the MI-GRU at about half autograd's
+    memory (benchmarks/results/train_speed.md). Not under autocast (the kept gates are not
+    autocast's): the caller uses autograd there.
 
     Returns:
         The loss, detached.

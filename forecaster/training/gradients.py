@@ -4,9 +4,9 @@
 `loss.backward()`) and returns the detached loss; the trainer zeroes, clips and steps.
 
 - `bptt`: exact backpropagation through time. For a model with a hand-written reverse
-  recursion (`exact_deltas`: MI-GRU, LMN) it runs from the fixed-feedback trainer's parts
-  (`exact_bptt_gradients`: the scripted no-grad forward, the exact recursion, the closed-form
-  cell backward), 1.2–1.6x faster than autograd at h = 64 on CPU; otherwise, and under autocast
+  recursion (`exact_deltas`: MI-GRU, LMN, SCRN) it runs from the fixed-feedback trainer's parts
+  (`exact_bptt_gradients`: the scripted no-grad forward, the exact recursion, the batched cell
+  backward), 1.5–1.8x faster than autograd at h = 64 on CPU; otherwise, and under autocast
   or when `x` or `s0` needs a gradient, plain autograd through `model(x)`
   (`autograd_bptt_gradients`). The base loop iterates a time-major tensor with `unbind`
   (ALGORITHMS.md §5.4: a batch-first `x[:, t]` slice would make backward O(T²)), and the GRU
