@@ -24,9 +24,9 @@ malloc_trim and a reset of the kernel's RSS high-water mark (/proc/self/clear_re
 then a second step; reported: VmHWM after it minus VmRSS before it. `--memory-only` re-measures
 the memory columns of an existing train_speed.json and keeps its timings.
 
-BPTT is the trainer's (`compute_gradients("bptt")`): for the MI-GRU and the LMN that is exact
-BPTT from fixed feedback's own hand-written parts (the scripted forward that keeps the gates,
-the closed-form cell backward) with the exact reverse recursion in place of the fixed
+BPTT is the trainer's (`compute_gradients("bptt")`): for the MI-GRU, the LMN and SCRN that is
+exact BPTT from fixed feedback's own hand-written parts (the scripted forward, the batched cell
+backward) with the exact reverse recursion in place of the fixed
 feedback's scan (`forecaster.training.feedback.exact_bptt_gradients`), so the speed-up is the
 fixed feedback's own. Also timed: plain autograd BPTT through the model's loop
 (`autograd_bptt_gradients`, what a user would write), with its own speed-up column.

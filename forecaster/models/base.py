@@ -62,14 +62,14 @@ def script_loop(function: Callable[..., Any], owner: str) -> Callable[..., Any] 
         return None
 
 
-def accumulate_grads(params: Sequence[nn.Parameter], grads: Sequence[Tensor]) -> None:
-    """Add `grads` into the parameters' `.grad` as `backward()` does (a closed-form
-    `cell_backward`'s last step)."""
-    for param, grad in zip(params, grads, strict=True):
-        if param.grad is None:
-            param.grad = grad
-        else:
-            param.grad.add_(grad)
+def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """Back-propagate `grads` from `params` as `backward()` would (a closed-form
+    `cell_backward`'s last step): into `.grad` of a plain parameter, through the
+    parametrization of a parametrized weight (`torch.nn.utils.parametrize`: the tensor read from
+    the module is computed from the stored originals), with the parameters' hooks run."""
+    if len(params) != len(grads):
+        raise ValueError(f"{len(params)} parameters but {len(grads)} gradients")
+    torch.autograd.backward(list(params), list(grads))
 
 
 class RecurrentForecaster(nn.Module):
@@ -262,7 +262,8 @@ class RecurrentForecaster(nn.Module):
         gradients (LMN: no forward of the linear memory, no input gradient of it).
         """
         s_hat = self.recur(self.project_inputs(x), s_prev)  # [R, S]
-        s_hat.backward(delta.to(s_hat.dtype))
+        if s_hat.requires_grad:  # else every cell parameter is frozen: nothing to accumulate
+            s_hat.backward(delta.to(s_hat.dtype))
 
     @torch.jit.ignore
     def state_vjp(self, x: Tensor, s_prev: Tensor, v: Tensor, aux: Tensor | None = None) -> Tensor:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
 from torch_helpers import max_grad_diff, parameter_grads, random_batch
 
 from forecaster.config import FeedbackConfig
@@ -192,6 +193,51 @@ def test_autograd_runs_where_the_hand_written_path_cannot(
     assert not hand_written_bptt(model, x, s0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not hand_written_bptt(model, x)  # the kept gates are not autocast's
+
+
+@pytest.mark.parametrize(
+    ("name", "module", "weight"), [("mi_gru", "cell", "weight_hh"), ("lmn", "memory", "weight")]
+)
+def test_hand_written_gradients_reach_a_parametrized_weight_and_run_hooks(
+    name: str, module: str, weight: str
+) -> None:
+    """The closed-form cell backward hands its gradients to autograd, so a weight under a
+    parametrization (weight norm) gets them through it, and parameter hooks fire."""
+    model = _model(name, {"mi_gru": {"mi_init": "mi"}, "lmn": {"memory_size": 6}}[name])
+    weight_norm(model.get_submodule(module), weight)
+    x, y, m = _data()
+    assert hand_written_bptt(model, x)
+    fired: set[str] = set()
+    for key, param in model.named_parameters():
+        param.register_hook(lambda grad, key=key: fired.add(key))
+    loss, grads = _run("bptt", model, x, y, m)
+    loss_a, grads_a = _autograd(model, x, y, m, None)
+    assert abs(loss.item() - loss_a.item()) <= 1e-14
+    assert max_grad_diff(grads, grads_a) <= 1e-12
+    originals = [k for k in grads if ".parametrizations." in k]
+    assert len(originals) == 2
+    assert all(grads[k].abs().max().item() > 0 for k in originals)
+    assert fired == set(grads)  # every parameter's hook ran
+    d = torch.full((model.state_size,), 0.5, dtype=F64)
+    _, grads_f = _run("feedback", model, x, y, m, d=d)
+    assert all(grads_f[k].abs().max().item() > 0 for k in originals)
+
+
+@pytest.mark.parametrize(("name", "params"), HAND_WRITTEN, ids=HAND_WRITTEN_IDS)
+@pytest.mark.parametrize("method", ["bptt", "feedback"])
+def test_a_frozen_cell_trains_the_head_alone(
+    name: str, params: dict[str, object], method: str
+) -> None:
+    model = _model(name, params)
+    for key, param in model.named_parameters():
+        param.requires_grad_(key.startswith("head."))
+    x, y, m = _data()
+    d = torch.full((model.state_size,), 0.5, dtype=F64)
+    _, grads = _run(method, model, x, y, m, d=d)
+    _, grads_a = _autograd(model, x, y, m, None)
+    assert max_grad_diff(grads, grads_a) <= 1e-12  # the head's gradient needs no δ
+    assert grads["head.weight"].abs().max().item() > 0
+    assert all(p.grad is None for k, p in model.named_parameters() if not k.startswith("head."))
 
 
 def test_hand_written_bptt_gives_input_gradients_through_autograd() -> None:
