@@ -12,7 +12,11 @@ from forecaster.config import FeedbackConfig
 from forecaster.losses import ForecastLoss
 from forecaster.models.registry import build
 from forecaster.training.feedback import estimate_feedback
-from forecaster.training.gradients import compute_gradients
+from forecaster.training.gradients import (
+    autograd_bptt_gradients,
+    compute_gradients,
+    hand_written_bptt,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -62,3 +66,26 @@ def test_feedback_estimate_on_cuda_matches_cpu() -> None:
     cpu = estimate_feedback(model, [x], FeedbackConfig(kind="jacobian_mean"))
     gpu = estimate_feedback(copy.deepcopy(model).cuda(), [x.cuda()], FeedbackConfig())
     assert torch.allclose(cpu.d, gpu.d.cpu(), atol=1e-10)
+
+
+@pytest.mark.parametrize(("name", "lags"), [("mi_gru", 0), ("lmn", 0), ("scrn", 0), ("scrn", 12)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_hand_written_bptt_equals_autograd(name: str, lags: int, dtype: torch.dtype) -> None:
+    """The trainer's `bptt` on CUDA runs the scripted recursions; autograd is the reference, and
+    under AMP autograd runs instead."""
+    torch.manual_seed(0)
+    model = build(name, D, HID, HORIZON, linear_lags=lags).to(device="cuda", dtype=dtype)
+    x, target, mask = (t.cuda() for t in random_batch(B, T, D, HORIZON))
+    x, target = x.to(dtype), target.to(dtype)
+    loss = ForecastLoss()
+    assert hand_written_bptt(model, x)
+    model.zero_grad(set_to_none=True)
+    hand_loss = compute_gradients("bptt", model, x, target, mask, loss)
+    hand = {k: v.clone() for k, v in parameter_grads(model).items()}
+    model.zero_grad(set_to_none=True)
+    auto_loss = autograd_bptt_gradients(model, x, target, mask, loss)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    assert abs(hand_loss.item() - auto_loss.item()) <= tolerance
+    assert max_grad_diff(hand, parameter_grads(model)) <= tolerance
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert not hand_written_bptt(model, x)
