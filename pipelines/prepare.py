@@ -17,6 +17,7 @@ import pandas as pd
 from forecaster.bundle import PREPROCESSING_FILE, STATIONARITY_FILE
 from forecaster.config import Config
 from forecaster.data import ID_COL, Split, ValidatedData, load_validated, make_split
+from forecaster.errors import DataError
 from forecaster.transform import PreprocessingSpec
 from pipelines.preprocess import fit_preprocessor, residuals
 from pipelines.stationarity import GateDecision, gate, save_report
@@ -116,7 +117,46 @@ def prepare(config: Config, *, data_path: Path | None = None) -> PreparedData:
             workers=config.workers,
         )
     logger.info("gate: %s (d=%d): %s", decision.method, decision.differences, decision.reason)
+    differences = {uid: spec.for_series(uid).difference for uid in splits}
+    check_windows_fit(splits, data.rows_per_series, differences, config.window.horizon)
     return PreparedData(data=data, splits=splits, spec=spec, decision=decision)
+
+
+_PART_FIELDS = {"train": "data.split", "val": "data.split.val_size", "test": "data.split.test_size"}
+
+
+def check_windows_fit(
+    splits: dict[str, Split], rows: dict[str, int], differences: dict[str, int], horizon: int
+) -> None:
+    """Refuse, before any training, a split whose parts cannot hold one window of
+    `lookback + horizon` rows: every series' validation and test parts (each series is scored),
+    and the training part of at least one series (training skips a series without windows, as
+    `ForkingWindows` does). A differenced series' model input starts `d` rows in.
+
+    Raises:
+        DataError: naming the part, its rows, the config keys to change, and every series short.
+    """
+    short: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for uid, split in splits.items():
+        for part in short:
+            part_rows: slice = getattr(split, part)
+            first = max(part_rows.start, differences.get(uid, 0))
+            usable = max(0, min(part_rows.stop, rows[uid]) - first)
+            if usable < split.lookback + horizon:
+                short[part].append(f"series '{uid}': the {part} part has {usable} usable rows")
+    if len(short["train"]) < len(splits):
+        short["train"] = []  # some series trains: the others are skipped, as in ForkingWindows
+    for part, problems in short.items():
+        if problems:
+            lookback = next(iter(splits.values())).lookback
+            more = f" (and {len(problems) - 1} more series)" if len(problems) > 1 else ""
+            raise DataError(
+                f"{problems[0]}{more}, fewer than window.lookback {lookback} + window.horizon "
+                f"{horizon} for one window: lower window.lookback or window.horizon, or give "
+                f"the part more rows ({_PART_FIELDS[part]})",
+                field=_PART_FIELDS[part],
+                problems=problems,
+            )
 
 
 def _preprocess_and_gate(

@@ -94,3 +94,47 @@ def test_data_path_override_and_too_short_series(tmp_path: Path) -> None:
     path = _write_long(tmp_path / "short.csv", np.sin(np.arange(50.0)))
     with pytest.raises(DataError, match=r"series 's' has 50 points; needs at least 60"):
         prepare(_config(tmp_path), data_path=path)
+
+
+@pytest.mark.parametrize(
+    ("sections", "field", "part"),
+    [
+        ({"data_split": {"val_size": 168, "test_size": 10}}, "data.split.test_size", "test"),
+        ({"data_split": {"val_size": 10, "test_size": 168}}, "data.split.val_size", "val"),
+        ({"window": {"lookback": 48, "horizon": 200}}, "data.split.val_size", "val"),
+    ],
+)
+def test_a_part_without_one_window_is_refused_before_training(
+    tmp_path: Path, sections: dict[str, object], field: str, part: str
+) -> None:
+    """Found at prepare time, naming the part and the keys, not after training has run."""
+    overrides: dict[str, object] = {}
+    if "data_split" in sections:
+        overrides["data"] = {
+            "source": "synthetic",
+            "synthetic": {"n_series": 2, "length": 24 * 7 * 6, "seed": 3},
+            "split": sections["data_split"],
+        }
+    if "window" in sections:
+        overrides["window"] = sections["window"]
+    with pytest.raises(DataError, match=rf"the {part} part has \d+ usable rows") as caught:
+        prepare(_config(tmp_path, **overrides))
+    assert caught.value.field == field
+    assert "window.lookback" in str(caught.value)
+    assert "window.horizon" in str(caught.value)
+    assert len(caught.value.problems) == 2  # both series named
+
+
+def test_the_training_part_counts_the_rows_differencing_removes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    walk = np.cumsum(rng.normal(size=400)) + 100.0  # differenced once by the gate's remedy
+    path = _write_long(tmp_path / "walk.csv", walk)
+    split = {"val_size": 100, "test_size": 100}  # train: 200 rows, 199 after differencing
+    base = {"source": "file", "path": str(path), "split": split}
+    plain = {"trend": "none", "seasonality": "none"}
+    fits = _config(tmp_path, data=base, preprocess=plain, window={"lookback": 100, "horizon": 99})
+    assert prepare(fits).decision.differences == 1
+    short = _config(tmp_path, data=base, preprocess=plain, window={"lookback": 101, "horizon": 99})
+    with pytest.raises(DataError, match=r"the train part has 199 usable rows") as caught:
+        prepare(short)
+    assert caught.value.field == "data.split"
