@@ -35,7 +35,12 @@ __all__ = [
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or NaN in any float setting: `weight_decay: .inf` would otherwise train to a
+    # divergence blamed on the learning rate.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+SEED_MAX = 2**63 - 1  # numpy's and torch's generators take seeds in [0, 2**63)
 
 
 class SyntheticConfig(_Section):
@@ -47,7 +52,7 @@ class SyntheticConfig(_Section):
     start: str = "2024-01-01 00:00:00"
     n_anomalies: int = Field(3, ge=0, description="injected, labelled anomalies per series")
     n_level_shifts: int = Field(1, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class GapConfig(_Section):
@@ -261,7 +266,7 @@ class Config(_Section):
     """A whole job: one experiment and one registered model per config."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     output_dir: Path = Path("runs")
     data: DataConfig = DataConfig()
     window: WindowConfig = WindowConfig()

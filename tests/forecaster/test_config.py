@@ -97,3 +97,24 @@ def test_shipped_configs_load(name: str) -> None:
 def test_total_differencing_is_bounded() -> None:
     with pytest.raises(ConfigError, match=r"preprocess\.difference \(2\) \+ stationarity\.d_max"):
         parse_config({"name": "a", "preprocess": {"difference": 2}, "stationarity": {"d_max": 1}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"data": {"synthetic": {"seed": -1}}}, "data.synthetic.seed"),
+    ],
+)
+def test_a_seed_the_generators_cannot_take_names_the_key(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}: -?\d+ Input should be (greater|less) than"):
+        parse_config({"name": "t", **raw})
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_float_settings_refuse_inf_and_nan(value: float) -> None:
+    with pytest.raises(
+        ConfigError, match=r"train.weight_decay: .* Input should be a finite number"
+    ):
+        parse_config({"name": "t", "train": {"weight_decay": value}})
