@@ -172,6 +172,7 @@ def train_model(
         progress=progress,
         seed=config.seed,
         method_reason=reason,
+        requested_method=method or config.train.method,
     )
     return result.model, result.history.method, result.history.method_reason, result.history
 

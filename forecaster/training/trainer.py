@@ -151,7 +151,8 @@ class TrainHistory:
     Attributes:
         epochs: one record per completed epoch.
         evaluations: every validation pass, the one before training included (epoch 0).
-        requested_method: `config.method`.
+        requested_method: the method the user asked for (`train`'s `requested_method`, else
+            `config.method`).
         method: the method in use at the end (BPTT when the model does not support feedback or
             the model-side gate failed; each epoch's own is in `epochs`).
         method_reason: why that method was used (the caller's reason, then any switch).
@@ -330,6 +331,7 @@ def train(
     progress: bool = False,
     seed: int = 0,
     method_reason: str | None = None,
+    requested_method: str | None = None,
     group: ddp.Distributed | None = None,
 ) -> TrainResult:
     """Train `model` in place on forking-sequence windows and return it with its history.
@@ -348,6 +350,8 @@ def train(
         seed: drives Python, numpy and torch randomness and the window shuffling.
         method_reason: why the caller chose `config.method` (e.g. the stationarity gate's
             reason); recorded in the history.
+        requested_method: the method the user asked for, when the caller replaced it in
+            `config.method` (the stationarity gate chose BPTT); default `config.method`.
         group: the process group to train data-parallel in; default `distributed.current()`
             (whatever torchrun, Ray Train or the caller initialised; one process when none).
             Every rank calls `train` with the same arguments; `config.batch_size` is the
@@ -401,7 +405,7 @@ def train(
             use_amp=use_amp,
             shuffle_rng=np.random.default_rng(seed),
             history=TrainHistory(
-                requested_method=config.method,
+                requested_method=requested_method or config.method,
                 method=method,
                 method_reason=reason,
                 device=str(device),

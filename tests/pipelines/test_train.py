@@ -157,6 +157,24 @@ def test_gate_decides_the_method(tmp_path: Path) -> None:
     assert choose_method(strict, prepare(strict), "bptt")[0] == "bptt"
 
 
+def test_history_records_the_requested_method_when_the_gate_chose_bptt(tmp_path: Path) -> None:
+    data = {
+        "source": "file",
+        "path": str(_walk_csv(tmp_path / "walk.csv")),
+        "split": {"val_size": 72, "test_size": 72},
+    }
+    plain = {"trend": "none", "seasonality": "none"}
+    config = _config(
+        tmp_path, data=data, preprocess=plain, stationarity={"d_max": 0}, train={"epochs": 1}
+    )
+    outcome = run_training(config)
+    assert config.train.method == "feedback"
+    assert (outcome.method, outcome.history.requested_method) == ("bptt", "feedback")
+    metadata = json.loads((outcome.bundle / METADATA_FILE).read_text())
+    assert metadata["history"]["requested_method"] == "feedback"
+    assert "stationarity gate chose BPTT" in metadata["history"]["method_reason"]
+
+
 def test_seasonal_naive_uses_the_daily_period_without_fitted_seasonality(tmp_path: Path) -> None:
     ds = pd.date_range("2024-01-01", periods=96 * 12, freq="15min")
     day = np.sin(2 * np.pi * np.arange(len(ds)) / 96)
