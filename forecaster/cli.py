@@ -279,7 +279,15 @@ def train(
 def evaluate(
     config: ConfigOption,
     bundle: Annotated[
-        Path | None, typer.Option(help="Bundle folder (default: <output_dir>/bundle_<method>).")
+        Path | None,
+        typer.Option(help="Bundle folder (default: <out or output_dir>/bundle_<method>)."),
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(help="The method `train` was asked for (default: train.method)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="The output folder `train` wrote to (default: output_dir).")
     ] = None,
     data: Annotated[
         Path | None, typer.Option("--data", "-d", help="Use this file instead of data.path.")
@@ -293,10 +301,16 @@ def evaluate(
 
         if part not in ("test", "val"):
             _fail(f"--part: {part!r} is not 'test' or 'val'")
-        cfg = _load(config, overrides)
-        folder = bundle if bundle is not None else cfg.output_dir / f"bundle_{cfg.train.method}"
+        cfg = _load(config, [*(overrides or []), *([f"train.method={method}"] if method else [])])
+        folder = bundle
+        if folder is None:
+            folder = (out or cfg.output_dir) / f"bundle_{cfg.train.method}"
         if not folder.is_dir():
-            _fail(f"bundle not found: {folder} (run `forecaster train --config {config}` first)")
+            flags = "".join(f" --{k} {v}" for k, v in (("method", method), ("out", out)) if v)
+            _fail(
+                f"bundle not found: {folder} (run `forecaster train --config {config}{flags}` "
+                "first, or give --bundle)"
+            )
         scores = evaluate_bundle(cfg, folder, data_path=data, part=part)  # type: ignore[arg-type]
         _print_scores(f"{cfg.name}: {part} part, z-scored MSE/MAE (all windows)", scores)
 

@@ -231,3 +231,24 @@ def test_the_built_in_demo_runs_the_settings_of_configs_demo_yaml() -> None:
     built_in = parse_config(DEMO_SETTINGS)
     assert built_in.output_dir.name == ".demo"
     assert built_in.model_copy(update={"output_dir": from_file.output_dir}) == from_file
+
+
+def test_evaluate_finds_the_bundle_train_wrote_with_its_method_and_out(tmp_path: Path) -> None:
+    data = _long_csv(tmp_path / "d.csv")
+    config = _config(tmp_path, data)
+    config.write_text(
+        config.read_text() + "model: {hidden_size: 4}\ntrain: {epochs: 1, max_windows: 32}\n"
+    )
+    out = tmp_path / "elsewhere"
+    args = ["--config", str(config), "--method", "bptt", "--out", str(out)]
+    trained = runner.invoke(app, ["train", *args, "--device", "cpu"])
+    assert trained.exit_code == 0, trained.output
+    assert (out / "bundle_bptt").is_dir()
+    scored = runner.invoke(app, ["evaluate", *args])
+    assert scored.exit_code == 0, scored.output
+    assert "repeat_last" in scored.output
+    missing = runner.invoke(app, ["evaluate", "--config", str(config), "--method", "bptt"])
+    assert missing.exit_code == 2
+    text = "".join(missing.output.split())  # rich may wrap the line anywhere
+    assert "bundle_bptt" in text
+    assert "".join(f"forecaster train --config {config} --method bptt".split()) in text
