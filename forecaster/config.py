@@ -220,7 +220,12 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     clip_norm: float = Field(1.0, gt=0)
     lr_decay: float = Field(0.5, gt=0, le=1, description="factor on a validation plateau")
-    patience: int = Field(3, ge=1, description="epochs without improvement before stopping")
+    patience: int = Field(
+        3,
+        ge=1,
+        description="validations without improvement before stopping (epochs when eval_every "
+        "is 0; with eval_every, every validation counts, and lr_decay applies per plateau)",
+    )
     eval_every: int = Field(0, ge=0, description="validate every N steps too (0: per epoch)")
     stride: int = Field(1, ge=1, description="steps between training windows")
     max_windows: int | None = Field(None, ge=1, description="subsample windows per epoch")

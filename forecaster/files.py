@@ -4,16 +4,23 @@ Every artifact the project writes (preprocessing.json, stationarity.json, checkp
 metadata, benchmark results) goes through `atomic_writer`: a temporary file in the same folder,
 flushed and fsynced, then renamed over the target. On any failure the temporary file is removed
 and the previous file, if any, is left untouched. Folders (model bundles) are published with
-`replace_dir`: built beside the target, then swapped in by one atomic exchange. Standard library
-only (serving imports it).
+`replace_dir`: built beside the target (`staging_dir`), then swapped in by one atomic exchange.
+
+A writer killed outright (SIGKILL, power loss) cannot remove its temporary file or folder, so
+their names carry the writer's process id and host (`.<name>.<pid>@<host>.<random>`), and the
+next write of the same target on the same host removes those whose process is gone. Standard
+library only (serving imports it).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -25,12 +32,68 @@ from typing import IO, Literal
 FILE_MODE = 0o644
 
 
+# This host, as 8 hex digits: a writer's temporary names are only judged by processes here.
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _writer_prefix(target: Path) -> str:
+    """`.<name>.<pid>@<host>.`: the start of this process's temporary names for `target`."""
+    return f".{target.name}.{os.getpid()}@{_HOST}."
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale(target: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that writers of `target` on this host left when
+    killed (their process is gone); the ones of running writers and of other hosts stay.
+    Returns what was removed."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)@{_HOST}\.")
+    removed: list[Path] = []
+    try:
+        entries = list(target.parent.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def staging_dir(folder: str | Path, mode: int = 0o755) -> Path:
+    """A new empty folder beside `folder` to build its next version in (`replace_dir` publishes
+    it), readable by others (`mode`; mkdtemp's 0700 would hide a bundle from a serving account).
+    Leftovers of killed writers of `folder` are removed first (`remove_stale`)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(folder)
+    staging = Path(tempfile.mkdtemp(prefix=_writer_prefix(folder), dir=folder.parent))
+    staging.chmod(mode)
+    return staging
+
+
 @contextmanager
 def atomic_writer(path: str | Path, mode: Literal["w", "wb"] = "w") -> Iterator[IO]:  # type: ignore[type-arg]
-    """Open a temporary file beside `path`; on a clean exit it replaces `path` atomically."""
+    """Open a temporary file beside `path`; on a clean exit it replaces `path` atomically.
+    Leftovers of killed writers of `path` are removed first (`remove_stale`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_writer_prefix(path), suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, FILE_MODE)

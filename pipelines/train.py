@@ -18,7 +18,6 @@ import functools
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from forecaster.config import Config, Execution
 from forecaster.data import ID_COL, Split
 from forecaster.errors import ModelError
 from forecaster.evaluation import Evaluation, evaluate_forecaster, part_windows
-from forecaster.files import atomic_write_text, replace_dir
+from forecaster.files import atomic_write_text, replace_dir, staging_dir
 from forecaster.inference import forecast_window, open_session
 from forecaster.metrics import coverage, interval_width
 from forecaster.transform import SeriesTransform, Transformed, inverse_forecast, transform
@@ -388,9 +387,7 @@ def write_bundle(
     """
     from forecaster.export import export_onnx
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a separate serving account
+    staging = staging_dir(folder)
     try:
         metadata = {"training_method": method, "config_name": config.name}
         for graph, name in (("window", MODEL_FILE), ("step", STEP_MODEL_FILE)):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from forecaster.bundle import MODEL_FILE, find_bundle
 from forecaster.errors import ModelUnavailable
+from forecaster.files import staging_dir
 from forecaster.redaction import redact
 
 logger = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ def fetch_alias(tracking_uri: str, name: str, alias: str, download_dir: Path) ->
         target = download_dir / name / f"v{version}"
         if not target.is_dir():
             artifact_uri = client.get_model_version_download_uri(name, version)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=target.parent))
+            staging = staging_dir(target)
             try:
                 download_artifacts(
                     artifact_uri=artifact_uri, dst_path=str(staging), tracking_uri=tracking_uri

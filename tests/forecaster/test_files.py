@@ -109,3 +109,64 @@ def test_without_an_exchange_an_interrupted_swap_is_restored_by_the_next_one(
     replace_dir(_bundle(tmp_path / ".stage3", "v3"), folder)
     assert (folder / "model.onnx").read_text() == "v3"
     assert not (tmp_path / ".bundle.old").exists()
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (its slot is free until reused)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_a_killed_writer_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    """A SIGKILLed writer leaves its temporary file or staging folder; the next write of the same
+    target on this host removes those whose process is gone, and no one else's."""
+    import os
+
+    host = forecaster.files._HOST
+    dead, alive = _dead_pid(), os.getppid()
+    stale_file = tmp_path / f".checkpoint.pt.{dead}@{host}.abc123.tmp"
+    stale_dir = _bundle(tmp_path / f".bundle_feedback.{dead}@{host}.xyz", "half")
+    running = tmp_path / f".checkpoint.pt.{alive}@{host}.def456.tmp"
+    other_host = tmp_path / f".checkpoint.pt.{dead}@00000000.ghi789.tmp"
+    unrelated = tmp_path / f".other.pt.{dead}@{host}.jkl.tmp"
+    for path in (stale_file, running, other_host, unrelated):
+        path.write_bytes(b"half")
+    atomic_write_text(tmp_path / "checkpoint.pt", "new")
+    assert not stale_file.exists()
+    assert running.exists()
+    assert other_host.exists()
+    assert unrelated.exists()
+    assert stale_dir.exists()  # another target's leftovers wait for its own next write
+    staging = forecaster.files.staging_dir(tmp_path / "bundle_feedback")
+    assert not stale_dir.exists()
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o755
+    assert staging.name.startswith(f".bundle_feedback.{os.getpid()}@{host}.")
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_after_the_next_write(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "checkpoint.pt"
+    script = (
+        "import sys, time\n"
+        "from forecaster.files import atomic_writer\n"
+        "with atomic_writer(sys.argv[1], 'wb') as h:\n"
+        "    h.write(b'half'); h.flush(); print('writing', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the leftover
+    atomic_write_text(target, "whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert target.read_text() == "whole"
