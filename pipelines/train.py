@@ -560,6 +560,29 @@ def baseline_scores(
     }
 
 
+def _check_bundle_window(config: Config, bundle: Path) -> None:
+    """The config's look-back and horizon are the bundle's (`metadata.json`): a model exported
+    for another window would be scored on windows it was not built for.
+
+    Raises:
+        ConfigError: naming the key, the config's value and the bundle's.
+    """
+    from forecaster.errors import ConfigError
+
+    path = bundle / METADATA_FILE
+    if not path.is_file():
+        return  # an older bundle without metadata: the model's own shapes decide
+    metadata = json.loads(path.read_text())
+    for key in ("lookback", "horizon"):
+        ours, theirs = getattr(config.window, key), metadata.get(key)
+        if theirs is not None and ours != theirs:
+            raise ConfigError(
+                f"window.{key}: {ours} in the config, but the bundle {bundle} was trained with "
+                f"{theirs}: evaluate with the training config (or --set window.{key}={theirs})",
+                field=f"window.{key}",
+            )
+
+
 def evaluate_bundle(
     config: Config, bundle: Path, *, data_path: Path | None = None, part: Part = "test"
 ) -> dict[str, dict[str, float]]:
@@ -571,6 +594,7 @@ def evaluate_bundle(
     """
     from forecaster.transform import PreprocessingSpec
 
+    _check_bundle_window(config, bundle)
     prepared = prepare(config, data_path=data_path)
     spec = PreprocessingSpec.load(bundle / PREPROCESSING_FILE)
     prepared = PreparedData(

@@ -11,7 +11,7 @@ from tiny_configs import tiny_config
 
 from forecaster.calibration import CALIBRATION_FILE, DEFAULT_LEVELS, Calibration, conformal_rank
 from forecaster.config import Config
-from forecaster.errors import ModelError
+from forecaster.errors import ConfigError, ModelError
 from forecaster.evaluation import part_windows
 from forecaster.inference import open_session
 from pipelines.prepare import prepare
@@ -68,6 +68,17 @@ def test_evaluate_bundle_reproduces_the_logged_test_metric(
     logged = outcome.evaluations["test"]  # type: ignore[attr-defined]
     assert scores["model"]["mse"] == pytest.approx(logged["mse"], rel=1e-9)
     assert set(scores) == {"model", "repeat_last", "seasonal_naive"}
+
+
+@pytest.mark.parametrize("key", ["horizon", "lookback"])
+def test_evaluating_with_another_window_names_the_key(
+    trained: tuple[Config, object], key: str
+) -> None:
+    config, outcome = trained
+    value = getattr(config.window, key)
+    other = config.model_copy(update={"window": config.window.model_copy(update={key: value + 1})})
+    with pytest.raises(ConfigError, match=rf"window.{key}: {value + 1} in the config, .* {value}"):
+        evaluate_bundle(other, outcome.bundle)  # type: ignore[attr-defined]
 
 
 def test_bundle_calibration_is_fitted_on_the_validation_residuals(
