@@ -258,21 +258,21 @@ def train(
             )
         finally:
             distributed.shutdown()
-        if outcome.bundle is None:
-            return  # a rank other than 0: rank 0 reports
-        history = outcome.history
-        console.print(
-            f"trained {cfg.model.name} with {outcome.method} ({outcome.method_reason})"
-            f"{f' on {history.world_size} processes' if history.world_size > 1 else ''}; "
-            f"{len(history.epochs)} epochs in {history.total_seconds:.1f} s, best validation "
-            f"MSE {history.best_val_loss:.4f} at epoch {history.best_epoch}",
-            highlight=False,
-        )
-        _print_scores(
-            f"{cfg.name}: exported model on the protocol's windows (z-scored MSE/MAE)",
-            outcome.evaluations,
-        )
-        console.print(f"bundle: {outcome.bundle}", highlight=False)
+        if outcome.bundle is not None:  # ranks other than 0 write and report nothing
+            history = outcome.history
+            console.print(
+                f"trained {cfg.model.name} with {outcome.method} ({outcome.method_reason})"
+                f"{f' on {history.world_size} processes' if history.world_size > 1 else ''}; "
+                f"{len(history.epochs)} epochs in {history.total_seconds:.1f} s, best validation "
+                f"MSE {history.best_val_loss:.4f} at epoch {history.best_epoch}",
+                highlight=False,
+            )
+            _print_scores(
+                f"{cfg.name}: exported model on the protocol's windows (z-scored MSE/MAE)",
+                outcome.evaluations,
+            )
+            console.print(f"bundle: {outcome.bundle}", highlight=False)
+        distributed.end_process()  # a data-parallel rank: exit 0 without finalization
 
 
 @app.command()

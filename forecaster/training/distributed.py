@@ -29,7 +29,9 @@ reads the checkpoint on rank 0 and broadcasts it, so other nodes need no shared 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -49,6 +51,7 @@ __all__ = [
     "broadcast_parameters",
     "broadcast_tensor",
     "current",
+    "end_process",
     "init_from_env",
     "launched_by_torchrun",
     "shard",
@@ -127,15 +130,38 @@ def init_from_env(device: str = "auto") -> Distributed:
     return current()
 
 
+_left_group = False  # this process was in a data-parallel group and has left it (`shutdown`)
+
+
 def shutdown() -> None:
     """Leave the process group once every rank is done with it (no-op when there is none).
 
     The barrier keeps a rank that finished early (the others while rank 0 exports) from tearing
     down its connections under a peer that still uses them, which can abort the process.
     """
+    global _left_group
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _left_group = True
+
+
+def end_process(code: int = 0) -> None:
+    """After a data-parallel run that succeeded and left its group (`shutdown`), end the process
+    now, skipping the interpreter's finalization; a no-op in any other process.
+
+    Why: with gloo, a rank whose work and files were all done was seen to abort during
+    finalization ("terminate called without an active exception", SIGABRT, no Python frame) in
+    about one in forty `torchrun` launches on this project's 2-core CI machine, turning a
+    successful run into exit code 134. Logging and the standard streams are flushed first;
+    everything the run writes is already written atomically.
+    """
+    if not _left_group:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def shard(order: npt.NDArray[np.int64], group: Distributed) -> npt.NDArray[np.int64]:

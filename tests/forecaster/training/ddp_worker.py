@@ -88,6 +88,7 @@ def main(out: Path, method: str, epochs: int, resume: bool) -> None:
             (out / "history.json").write_text(json.dumps(result.history.to_dict()))
     finally:
         distributed.shutdown()
+    distributed.end_process()  # as `forecaster train` ends a data-parallel rank
 
 
 if __name__ == "__main__":

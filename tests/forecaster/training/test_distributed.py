@@ -181,3 +181,9 @@ def test_without_a_launcher_training_is_one_process(monkeypatch: pytest.MonkeyPa
     assert group == distributed.Distributed()
     assert group.is_main
     assert not group.enabled
+
+
+def test_end_process_is_a_no_op_outside_a_data_parallel_run() -> None:
+    distributed.shutdown()  # no group: nothing to leave
+    distributed.end_process(3)  # would exit with 3 after leaving a group
+    assert not distributed._left_group
