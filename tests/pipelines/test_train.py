@@ -149,35 +149,32 @@ def test_evaluate_bundle_reports_the_coverage_of_its_calibration(
     assert "coverage_80" not in evaluate_bundle(config, bare)["model"]
 
 
-def test_gate_decides_the_method(tmp_path: Path) -> None:
+def _walk_config(tmp_path: Path, **sections: object) -> Config:
+    """A random walk, undifferenced (`d_max: 0`): the stationarity gate chooses BPTT."""
     data = {
         "source": "file",
         "path": str(_walk_csv(tmp_path / "walk.csv")),
         "split": {"val_size": 72, "test_size": 72},
     }
     plain = {"trend": "none", "seasonality": "none"}
-    config = _config(tmp_path, data=data, preprocess=plain, stationarity={"d_max": 0})
+    return _config(
+        tmp_path, data=data, preprocess=plain, **{"stationarity": {"d_max": 0}, **sections}
+    )
+
+
+def test_gate_decides_the_method(tmp_path: Path) -> None:
+    config = _walk_config(tmp_path)
     method, reason = choose_method(config, prepare(config), None)
     assert method == "bptt"
     assert "stationarity gate chose BPTT" in reason
-    strict = _config(
-        tmp_path, data=data, preprocess=plain, stationarity={"d_max": 0, "strict": True}
-    )
+    strict = _walk_config(tmp_path, stationarity={"d_max": 0, "strict": True})
     with pytest.raises(ModelError, match="stationarity gate refused"):
         choose_method(strict, prepare(strict), None)
     assert choose_method(strict, prepare(strict), "bptt")[0] == "bptt"
 
 
 def test_history_records_the_requested_method_when_the_gate_chose_bptt(tmp_path: Path) -> None:
-    data = {
-        "source": "file",
-        "path": str(_walk_csv(tmp_path / "walk.csv")),
-        "split": {"val_size": 72, "test_size": 72},
-    }
-    plain = {"trend": "none", "seasonality": "none"}
-    config = _config(
-        tmp_path, data=data, preprocess=plain, stationarity={"d_max": 0}, train={"epochs": 1}
-    )
+    config = _walk_config(tmp_path, train={"epochs": 1})
     outcome = run_training(config)
     assert config.train.method == "feedback"
     assert (outcome.method, outcome.history.requested_method) == ("bptt", "feedback")
