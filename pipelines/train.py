@@ -43,7 +43,7 @@ from forecaster.calibration import (
 )
 from forecaster.config import Config, Execution
 from forecaster.data import ID_COL, Split
-from forecaster.errors import ModelError
+from forecaster.errors import ConfigError, ModelError
 from forecaster.evaluation import Evaluation, evaluate_forecaster, part_windows
 from forecaster.files import atomic_write_text, replace_dir, staging_dir
 from forecaster.inference import forecast_window, open_session
@@ -566,13 +566,15 @@ def _check_bundle_window(config: Config, bundle: Path) -> None:
 
     Raises:
         ConfigError: naming the key, the config's value and the bundle's.
+        ModelError: the bundle's metadata is not valid JSON.
     """
-    from forecaster.errors import ConfigError
-
     path = bundle / METADATA_FILE
     if not path.is_file():
         return  # an older bundle without metadata: the model's own shapes decide
-    metadata = json.loads(path.read_text())
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelError(f"{path} is not valid bundle metadata: {exc}", field="bundle") from exc
     for key in ("lookback", "horizon"):
         ours, theirs = getattr(config.window, key), metadata.get(key)
         if theirs is not None and ours != theirs:

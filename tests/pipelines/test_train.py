@@ -81,6 +81,17 @@ def test_evaluating_with_another_window_names_the_key(
         evaluate_bundle(other, outcome.bundle)  # type: ignore[attr-defined]
 
 
+def test_evaluating_a_bundle_with_broken_metadata_names_the_file(
+    trained: tuple[Config, object], tmp_path: Path
+) -> None:
+    config, outcome = trained
+    broken = tmp_path / "bundle"
+    shutil.copytree(outcome.bundle, broken)  # type: ignore[attr-defined]
+    (broken / METADATA_FILE).write_text("{not json")
+    with pytest.raises(ModelError, match=r"metadata.json is not valid bundle metadata"):
+        evaluate_bundle(config, broken)
+
+
 def test_bundle_calibration_is_fitted_on_the_validation_residuals(
     trained: tuple[Config, object],
 ) -> None:
