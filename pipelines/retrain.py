@@ -521,6 +521,7 @@ class _Job:
             tracker = run.child(method)
         work = self.config.output_dir / WORK_DIR
         with self.stage(stage):
+            import_holding_sigterm("torch")  # the first training of the process imports it
             started = time.perf_counter()
             try:
                 outcome = run_training(
@@ -566,6 +567,32 @@ def _decision_line(decisions: dict[str, PromotionDecision]) -> tuple[Outcome, st
                 f"(candidate v{decision.candidate_version} not better)"
             )
     return outcome, f"{outcome}: " + "; ".join(parts) + f" — {champion.reason}"
+
+
+def import_holding_sigterm(module: str) -> None:
+    """Import `module` with SIGTERM's Python handler held back until the import is done.
+
+    A handler that raises (the CLI's `_exit_on_sigterm`, which unwinds the job so the lock is
+    released) raised while torch's native initialisation was calling into Python: pybind11
+    turned the exception into a C++ one nothing caught, and the process aborted (exit -6) with
+    its lock held. Held, a SIGTERM that arrives during the import is re-raised right after it,
+    where the handler's exception unwinds normally. Outside the main thread (where signal
+    handlers cannot be changed) or once imported, a plain import.
+    """
+    import importlib
+    import sys
+
+    if module in sys.modules or threading.current_thread() is not threading.main_thread():
+        importlib.import_module(module)
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        importlib.import_module(module)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if received:
+        signal.raise_signal(signal.SIGTERM)
 
 
 def run_retrain(

@@ -581,3 +581,35 @@ def test_sigterm_releases_the_lock_and_fails_the_run(server: Server, tmp_path: P
     assert finished.code == 128 + signal.SIGTERM, finished.stderr[-2000:]
     assert not (config.parent / "out" / LOCK_FILE).exists()
     assert client.get_run(runs[0].info.run_id).info.status == "FAILED"
+
+
+def test_a_sigterm_during_a_native_import_is_held_until_the_import_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's SIGTERM handler raises; raised inside torch's native initialisation that
+    aborted the process with the lock held. The import now completes first."""
+    import sys
+
+    from pipelines.retrain import import_holding_sigterm
+
+    (tmp_path / "slow_native.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nfinished = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen: list[bool] = []
+
+    def handler(signum: int, frame: object) -> None:
+        module = sys.modules.get("slow_native")
+        seen.append(bool(getattr(module, "finished", False)))
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(SystemExit) as caught:
+            import_holding_sigterm("slow_native")
+        assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.modules.pop("slow_native", None)
+    assert caught.value.code == 128 + signal.SIGTERM
+    assert seen == [True]  # the handler ran once, after the module had finished importing
