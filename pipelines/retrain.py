@@ -43,6 +43,7 @@ from typing import Any, Literal
 from forecaster.config import Config
 from forecaster.errors import ExportError, ForecasterError, TrackingError
 from forecaster.files import atomic_write_text
+from forecaster.redaction import redact
 from pipelines.prepare import PreparedData, prepare
 from pipelines.tracking import (
     CHAMPION,
@@ -412,7 +413,7 @@ class _State:
 
     data_sha256: str
     config_hash: str
-    tracking_uri: str
+    tracking_uri: str  # `redact(uri, uri)`: the file may be read by anyone who reads the folder
     model_name: str
     champion_version: str
     fallback_version: str
@@ -431,11 +432,18 @@ def _write_state(path: Path, state: _State) -> None:
     atomic_write_text(path, json.dumps(asdict(state), indent=2) + "\n")
 
 
-def _aliases_unchanged(state: _State) -> bool:
-    """Whether `champion` and `fallback` still point where the recorded retrain left them."""
+def _shown_uri(uri: str) -> str:
+    """The tracking URI as `state.json` keeps it: without its password, token or secret query
+    values. A rotated password is still the same store, so it does not force a retrain."""
+    return redact(uri, uri)
+
+
+def _aliases_unchanged(state: _State, uri: str) -> bool:
+    """Whether `champion` and `fallback` still point where the recorded retrain left them, on
+    the tracking server at `uri`."""
     for alias, version in ((CHAMPION, state.champion_version), (FALLBACK, state.fallback_version)):
         try:
-            if show(state.model_name, alias, uri=state.tracking_uri).version != version:
+            if show(state.model_name, alias, uri=uri).version != version:
                 return False
         except TrackingError:
             return False
@@ -650,8 +658,8 @@ def run_retrain(
             not force
             and state is not None
             and (state.data_sha256, state.config_hash, state.tracking_uri, state.model_name)
-            == (fingerprint["sha256"], digest, tracking.uri, config.name)
-            and _aliases_unchanged(state)
+            == (fingerprint["sha256"], digest, _shown_uri(tracking.uri), config.name)
+            and _aliases_unchanged(state, tracking.uri)
         ):
             message = (
                 f"up to date: data {fingerprint['sha256'][:12]} and config {digest[:12]} were "
@@ -716,7 +724,7 @@ def run_retrain(
                 _State(
                     data_sha256=fingerprint["sha256"],
                     config_hash=digest,
-                    tracking_uri=tracking.uri,
+                    tracking_uri=_shown_uri(tracking.uri),
                     model_name=config.name,
                     champion_version=holders[CHAMPION],
                     fallback_version=holders[FALLBACK],

@@ -533,15 +533,23 @@ def test_budget_exceeded_exits_4_and_leaves_the_aliases(
 def test_rerun_on_the_same_data_and_config_is_up_to_date_and_force_retrains(
     server: Server, tmp_path: Path
 ) -> None:
-    args = ("--config", str(_config_file(tmp_path, "rt_idem")), "--tracking-uri", server.uri)
-    code, output = _cli(*args)
+    # A password in the tracking URI (the server ignores it) never reaches the state file,
+    # and a rotated one is still the same store.
+    secret_uri = server.uri.replace("http://", "http://ops:s3cret-pw@", 1)
+    config = _config_file(tmp_path, "rt_idem")
+    code, output = _cli("--config", str(config), "--tracking-uri", secret_uri)
     assert code == 0, output
     assert output.strip().splitlines()[-1].startswith("promoted: champion → v1; fallback → v2")
+    state = next((tmp_path / "out").rglob("state.json")).read_text()
+    assert "s3cret-pw" not in state
+    assert json.loads(state)["tracking_uri"] == secret_uri.replace("s3cret-pw", "***")
 
-    code, output = _cli(*args)
+    rotated = secret_uri.replace("s3cret-pw", "rotated-pw")
+    code, output = _cli("--config", str(config), "--tracking-uri", rotated)
     assert code == 0, output
     assert output.strip().splitlines()[-1].startswith("up to date: data ")
     assert "champion v1, fallback v2" in output
+    args = ("--config", str(config), "--tracking-uri", rotated)
     assert len(list_versions("rt_idem", uri=server.uri)) == 2
     # Where the per-series stages run is not part of the job's identity.
     code, output = _cli(*args, "--set", "execution=processes")
