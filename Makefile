@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/onnx_latency.py
 	$(BIN)/python benchmarks/train_speed.py --threads 1
+	$(BIN)/python benchmarks/step_parts.py --threads 1 2
 
 # Accuracy on ETT (needs ../shared/data; about 45 minutes on two CPU cores at these settings).
 bench-ett: $(STAMP)
