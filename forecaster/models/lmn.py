@@ -121,26 +121,30 @@ def _scripted_sigmoid_states() -> Callable[..., tuple[Tensor, Tensor]] | None:
 
 
 def _memory_vjp(
-    v: Tensor, u: Tensor, encoder: Tensor, w_mm: Tensor, w_mh: Tensor, base: Tensor | None
+    v: Tensor, slope: Tensor, stacked: Tensor, w_mh: Tensor, base: Tensor | None, out: Tensor
 ) -> Tensor:
-    """`J_tᵀ v` of the folded LMN step (`LMN.state_vjp`) for rows `v [N, p]` with kept gates
-    `u [N, h]`, `encoder` = `c² W^{hm} [p, h]`: `v W^{mm} + dz W^{mh}` with
-    `dz = (v c² W^{hm}) ⊙ u (1 − u)`; plus `base [N, p]` when given."""
-    dz = torch.mm(v, encoder).mul_(torch.addcmul(u, u, u, value=-1.0))  # [N, h]
-    memory = torch.mm(v, w_mm) if base is None else torch.addmm(base, v, w_mm)  # [N, p]
-    return torch.addmm(memory, dz, w_mh)
+    """`J_tᵀ v` of the folded LMN step (`LMN.state_vjp`) for rows `v [N, p]`: `v W^{mm} + dz W^{mh}`
+    with `dz = (v c² W^{hm}) ⊙ u (1 − u)`, plus `base [N, p]` when given; written into and
+    returned as `out [N, p]`. `slope` = `u (1 − u) [N, h]` from the kept gates, `stacked` =
+    `[c² W^{hm}, W^{mm}] [p, h + p]`: both products of `v` in one matmul."""
+    hidden = slope.size(1)
+    both = torch.mm(v, stacked)  # [N, h + p]
+    dz = both[:, :hidden].mul_(slope)  # [N, h]
+    memory = both[:, hidden:] if base is None else both[:, hidden:].add_(base)  # [N, p]
+    return torch.addmm(memory, dz, w_mh, out=out)
 
 
-def _exact_deltas(g: Tensor, u: Tensor, encoder: Tensor, w_mm: Tensor, w_mh: Tensor) -> Tensor:
+def _exact_deltas(g: Tensor, u: Tensor, stacked: Tensor, w_mh: Tensor) -> Tensor:
     """BPTT's reverse recursion `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}` (`_memory_vjp`): `g [T, B, p]`
-    direct gradients, kept gates `u [T, B, h]` -> `δ [T, B, p]`, three small matmuls per step."""
+    direct gradients, kept gates `u [T, B, h]` -> `δ [T, B, p]`; the slopes `u (1 − u)` of
+    every step in one op, then two small matmuls per step."""
     steps = g.size(0)
+    slope = torch.addcmul(u, u, u, value=-1.0)  # [T, B, h]
     delta = torch.empty_like(g)
     d = g[steps - 1]
     delta[steps - 1] = d
     for t in range(steps - 2, -1, -1):
-        d = _memory_vjp(d, u[t + 1], encoder, w_mm, w_mh, g[t])
-        delta[t] = d
+        d = _memory_vjp(d, slope[t + 1], stacked, w_mh, g[t], delta[t])
     return delta
 
 
@@ -381,14 +385,14 @@ class LMN(RecurrentForecaster):
             if aux is None:
                 dz = (v @ encoder).mul_(self._functional(x, s_prev)[1])  # [R, h]
                 return torch.addmm(v @ self.memory.weight[:, hidden:], dz, self.memory_to_hidden)
-            c = _activation_scale(self.config.activation)
+            aux = aux.to(s_prev.dtype)
             return _memory_vjp(
-                v.to(s_prev.dtype),
-                aux.to(s_prev.dtype),
-                encoder * (c * c),
-                self.memory.weight[:, hidden:],
+                v,
+                torch.addcmul(aux, aux, aux, value=-1.0),  # u (1 − u)
+                self._stacked_vjp_weight(),
                 self.memory_to_hidden,
                 None,
+                torch.empty_like(v),
             )
 
     @torch.jit.ignore
@@ -401,18 +405,22 @@ class LMN(RecurrentForecaster):
         loop = _scripted_exact_deltas()
         if aux is None or loop is None or torch.is_autocast_enabled(x.device.type):
             return super().exact_deltas(x, states, direct, aux)
-        hidden = self.hidden_size
-        weight = self.memory.weight
-        c = _activation_scale(self.config.activation)
+        dtype = self.memory.weight.dtype
         with torch.no_grad():
             delta = loop(
-                direct.transpose(0, 1).to(weight.dtype),  # [T, B, p]
-                aux.to(weight.dtype),  # [T, B, h]
-                weight[:, :hidden] * (c * c),
-                weight[:, hidden:].contiguous(),
+                direct.transpose(0, 1).to(dtype),  # [T, B, p]
+                aux.to(dtype),  # [T, B, h]
+                self._stacked_vjp_weight(),
                 self.memory_to_hidden,
             )
         return delta.transpose(0, 1)  # type: ignore[no-any-return]
+
+    def _stacked_vjp_weight(self) -> Tensor:
+        """`[c² W^{hm}, W^{mm}] [p, h + p]`: the memory weight with its encoder scaled by the
+        folded activation's `c²` (`_memory_vjp`)."""
+        weight, hidden = self.memory.weight, self.hidden_size
+        c = _activation_scale(self.config.activation)
+        return torch.cat([weight[:, :hidden] * (c * c), weight[:, hidden:]], dim=1)
 
     def functional_states(self, x: Tensor, s0: Tensor | None = None) -> Tensor:
         """The functional component's outputs `h_t` of every step: `x [B, T, d] -> [B, T, h]`."""

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from forecaster.models.base import RecurrentForecaster, accumulate_grads, script_loop
 
-_LOOP_BLOCK = 32  # steps whose input projections `feedback_forward` computes at once
+_LOOP_BLOCK = 32  # steps whose input projections (forward) or coefficients (BPTT) go at once
 
 
 def _kept_states(
@@ -75,39 +75,48 @@ def _kept_states(
     return states.transpose(0, 1), aux
 
 
-def _gate_grads(
-    delta: Tensor, aux: Tensor, gain: Tensor, h_prev: Tensor, hs: int, out: Tensor
-) -> None:
-    """The gradients of the three gates' pre-activations for rows `delta = dL/dh_t [N, h]`,
-    kept `aux = [u; r; z; n] [N, 6h]`, gain `A [N, 3h]`, `h_prev [N, h]`, written into
-    `out [N, 3h]` = `[dr⊙r(1−r), dz⊙z(1−z), dn̂]` (`MiGRU._kept_backward`, ALGORITHMS.md §1.2
-    differentiated): `dn̂ = δ⊙(1 − z)⊙(1 − n²)`, `dr = dn̂⊙A_n⊙u_n`, `dz = δ⊙(h − n)`."""
-    u_n = aux[:, 2 * hs : 3 * hs]
-    r, z, n = aux[:, 3 * hs : 4 * hs], aux[:, 4 * hs : 5 * hs], aux[:, 5 * hs :]
-    g_n = torch.mul(delta - delta * z, 1 - n * n, out=out[:, 2 * hs :])
-    torch.mul(g_n * gain[:, 2 * hs :] * u_n, r - r * r, out=out[:, :hs])
-    torch.mul(delta * (h_prev - n), z - z * z, out=out[:, hs : 2 * hs])
+def _gate_coefficients(aux: Tensor, gain: Tensor, h_prev: Tensor, hs: int, out: Tensor) -> Tensor:
+    """Per unit of `δ = dL/dh_t`, the gradients of the three gates' pre-activations: they are
+    `δ ⊙ [c_r, c_z, c_n]` with `c_n = (1 − z)(1 − n²)`, `c_r = c_n⊙A_n⊙u_n⊙r(1 − r)` and
+    `c_z = (h − n)⊙z(1 − z)` (ALGORITHMS.md §1.2 differentiated; `MiGRU._kept_backward`).
+    None of them depends on `δ`, so BPTT's recursion forms them for many steps at once.
+    Kept `aux = [u; r; z; n] [..., 6h]`, gain `A [..., 3h]`, `h_prev [..., h]`; written into
+    and returned as `out [..., 3h]`."""
+    u_n = aux[..., 2 * hs : 3 * hs]
+    r, z, n = aux[..., 3 * hs : 4 * hs], aux[..., 4 * hs : 5 * hs], aux[..., 5 * hs :]
+    c_n = torch.mul(1 - z, 1 - n * n, out=out[..., 2 * hs :])
+    torch.mul(c_n * gain[..., 2 * hs :] * u_n, r - r * r, out=out[..., :hs])
+    torch.mul(h_prev - n, z - z * z, out=out[..., hs : 2 * hs])
+    return out
 
 
 def _exact_deltas(
-    g: Tensor, gain: Tensor, aux: Tensor, states: Tensor, w_hh: Tensor, hs: int
+    g: Tensor, gain: Tensor, aux: Tensor, states: Tensor, w_hh: Tensor, hs: int, block: int
 ) -> Tensor:
     """BPTT's reverse recursion `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}` with `J_{t+1}ᵀ δ = δ⊙z + du U`
     (`MiGRU.state_vjp`): `g [T, B, h]` direct gradients, `gain [T, B, 3h]` = A, `aux [T, B, 6h]`,
-    `states [T+1, B, h]` -> `δ [T, B, h]`, per step one `[B, 3h] x [3h, h]` matmul."""
-    steps = g.size(0)
+    `states [T+1, B, h]` -> `δ [T, B, h]`. `du = δ ⊙ [c_r A_r, c_z A_z, c_n r A_n]`
+    (`_gate_coefficients`): the bracket is formed for `block` steps at a time, so each step is
+    one broadcast multiply, one `addcmul` and one `[B, 3h] x [3h, h]` matmul."""
+    steps, batch = g.size(0), g.size(1)
     delta = torch.empty_like(g)
-    pre = torch.empty(g.size(1), 3 * hs, dtype=g.dtype, device=g.device)  # [B, 3h] scratch
+    coef = torch.empty(block, batch, 3 * hs, dtype=g.dtype, device=g.device)
     d = g[steps - 1]
     delta[steps - 1] = d
-    for t in range(steps - 2, -1, -1):
-        k = t + 1  # the step through which δ_t reaches the loss beyond its head
-        kept = aux[k]
-        _gate_grads(d, kept, gain[k], states[k], hs, pre)
-        pre[:, 2 * hs :].mul_(kept[:, 3 * hs : 4 * hs])  # dq: the candidate's reset r⊙
-        du = pre.mul_(gain[k])  # [B, 3h] = dq ⊙ A
-        d = torch.addmm(torch.addcmul(g[t], d, kept[:, 4 * hs : 5 * hs]), du, w_hh)
-        delta[t] = d
+    high = steps  # δ_t reaches the loss beyond its head through step k = t + 1, k in [1, T)
+    while high > 1:
+        low = max(1, high - block)
+        kept, span = aux[low:high], high - low
+        c = _gate_coefficients(kept, gain[low:high], states[low:high], hs, coef[:span])
+        c.mul_(gain[low:high])
+        c[:, :, 2 * hs :].mul_(kept[:, :, 3 * hs : 4 * hs])  # the candidate's reset r⊙
+        per_gate = c.view(span, batch, 3, hs)
+        z = kept[:, :, 4 * hs : 5 * hs]
+        for i in range(span - 1, -1, -1):
+            t = low + i - 1
+            du = (per_gate[i] * d.unsqueeze(1)).view(batch, 3 * hs)  # [B, 3h]
+            d = torch.addmm(torch.addcmul(g[t], d, z[i]), du, w_hh, out=delta[t])
+        high = low
     return delta
 
 
@@ -262,7 +271,8 @@ class MiGRU(RecurrentForecaster):
         §1.2 differentiated), no re-evaluation: with `δ = dL/dh_t` and the gain
         `A = α⊙(W x + b_i) + β1`, `dz = δ⊙(h − n)`, `dn̂ = δ⊙(1 − z)⊙(1 − n²)`,
         `dr = dn̂⊙A_n⊙u_n`, the pre-activations' gradients `g = [dr⊙r(1−r), dz⊙z(1−z), dn̂]`
-        (`= dC`), `dq = [g_r, g_z, g_n⊙r]`, `dA = dq⊙u` and `du = dq⊙A`.
+        (`= dC`; formed as `δ ⊙ _gate_coefficients`), `dq = [g_r, g_z, g_n⊙r]`, `dA = dq⊙u` and
+        `du = dq⊙A`.
         Returns `(g, dA, du)`, each `[R, 3h]`, in `s_prev`'s dtype."""
         cell, hidden = self.cell, self.hidden_size
         dtype = s_prev.dtype
@@ -270,8 +280,8 @@ class MiGRU(RecurrentForecaster):
         u, r = aux[:, : 3 * hidden], aux[:, 3 * hidden : 4 * hidden]  # [R, 3h], [R, h]
         weight, bias = cell.projection()
         gain = F.linear(x.to(dtype), weight[: 3 * hidden], bias[: 3 * hidden])  # [R, 3h] = A
-        g = torch.empty_like(u)  # [R, 3h]
-        _gate_grads(delta, aux, gain, s_prev, hidden, g)
+        g = _gate_coefficients(aux, gain, s_prev, hidden, torch.empty_like(u))  # [R, 3h]
+        g.view(-1, 3, hidden).mul_(delta.unsqueeze(1))  # the gradients: δ ⊙ [c_r, c_z, c_n]
         dq = g.clone()
         dq[:, 2 * hidden :].mul_(r)
         grad_gain = dq * u  # [R, 3h] = dA
@@ -355,5 +365,6 @@ class MiGRU(RecurrentForecaster):
                 states.transpose(0, 1).to(dtype),  # [T+1, B, h]
                 cell.weight_hh,
                 hidden,
+                _LOOP_BLOCK,
             )
         return delta.transpose(0, 1)  # type: ignore[no-any-return]

@@ -122,7 +122,7 @@ def _autograd(
     return loss, parameter_grads(model)
 
 
-@pytest.mark.parametrize("steps", [1, 2, T])
+@pytest.mark.parametrize("steps", [1, 2, T, 70])  # 70: across the loops' 32-step blocks
 @pytest.mark.parametrize(("name", "params"), HAND_WRITTEN, ids=HAND_WRITTEN_IDS)
 def test_bptt_runs_the_hand_written_recursion_and_equals_autograd(
     name: str, params: dict[str, object], steps: int
