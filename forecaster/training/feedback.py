@@ -1204,7 +1204,7 @@ def exact_bptt_gradients(
     same no-grad forward, head and batched cell backward, with the exact reverse recursion
     `δ_t = g_t + J_{t+1}ᵀ δ_{t+1}` (`model.feedback_core().exact_deltas`) in place of the fixed
     feedback's scan. Equal to autograd BPTT up to rounding, without its tape: the MI-GRU, LMN
-    and SCRN run the recursion as one scripted loop, 1.5–1.8x faster than autograd through
+    and SCRN run the recursion as one scripted loop, 1.5–2.0x faster than autograd through
     their forward at h = 64 on CPU (1.1–1.3x at h = 256), the MI-GRU at about half autograd's
     memory (benchmarks/results/train_speed.md). Not under autocast (the kept gates are not
     autocast's): the caller uses autograd there.
