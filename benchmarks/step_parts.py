@@ -14,7 +14,7 @@ long does each part take, and what speed-up does that allow?
 The ceiling is the speed-up of a free scan: no fixed feedback, however computed, beats it
 against this BPTT. F and R do the same kind of per-step work (one small matmul and a few
 element-wise ops per step, one step after another), so R is of F's order (0.7–1.0 F measured)
-and the ceiling stays below 2 unless H + C is far below R − F.
+and the ceiling reaches 2 only if H + C ≤ R − F, which needs R well above F.
 
 Timing: per size and thread count, every part and both whole steps get one warm-up, then
 `--rounds` timed rounds in which they run round-robin (`train_speed.interleaved`); median per

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-__all__ = ["redact"]
+__all__ = ["redact", "without_userinfo_secret"]
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
 # `scheme://user:password@` (the password up to the last `@`: an unencoded `@` in it must not
@@ -43,10 +43,18 @@ def _secrets(uri: str) -> set[str]:
     return {s for raw in found for s in (raw, unquote(raw)) if s and s != _MASK}
 
 
-def _redact_url(url: str) -> str:
-    def userinfo(match: re.Match[str]) -> str:
-        scheme, user, password = match.groups()
-        return f"{scheme}{_MASK}@" if password is None else f"{scheme}{user}:{_MASK}@"
+def without_userinfo_secret(uri: str) -> str:
+    """`uri` with the password of its userinfo (or the token of `scheme://token@`) masked and
+    everything else as written: which store and which user, not the credential. Masked by
+    position, so a password that also spells the host or the database leaves those intact."""
+    return _USERINFO.sub(_mask_userinfo, uri, count=1)
 
-    url = _USERINFO.sub(userinfo, url, count=1)
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    scheme, user, password = match.groups()
+    return f"{scheme}{_MASK}@" if password is None else f"{scheme}{user}:{_MASK}@"
+
+
+def _redact_url(url: str) -> str:
+    url = without_userinfo_secret(url)
     return _QUERY_SECRET.sub(lambda match: match.group(1) + _MASK, url)

@@ -32,6 +32,7 @@ import numpy.typing as npt
 from forecaster.config import Config
 from forecaster.data import ID_COL, generate_plant
 from forecaster.inference import forecast_step, forecast_window, initial_state, open_session
+from forecaster.redaction import redact
 from forecaster.transform import future_timestamps, inverse_forecast
 from pipelines.prepare import PreparedData, prepare
 from pipelines.tracking import CHAMPION, FALLBACK, open_tracking
@@ -197,7 +198,10 @@ def run_demo(config: Config, out_dir: Path, report: Report) -> DemoResult:
         f"{served['model_forecaster']}'s one-step forecasts: "
         f"flagged {served['model_flagged']} points"
     )
-    report(f"compare runs and versions: mlflow ui --backend-store-uri {tracking.uri}")
+    report(
+        "compare runs and versions: mlflow ui --backend-store-uri "
+        + redact(tracking.uri, tracking.uri)
+    )
     return DemoResult(
         prepared=prepared,
         outcomes=outcomes,

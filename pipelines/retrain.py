@@ -24,6 +24,7 @@ or registry error; 6 export or parity check failed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from typing import Any, Literal
 from forecaster.config import Config
 from forecaster.errors import ExportError, ForecasterError, TrackingError
 from forecaster.files import atomic_write_text
-from forecaster.redaction import redact
+from forecaster.redaction import redact, without_userinfo_secret
 from pipelines.prepare import PreparedData, prepare
 from pipelines.tracking import (
     CHAMPION,
@@ -397,8 +398,6 @@ def config_hash(config: Config) -> str:
     where the per-series stages run (their results are bit-identical on every executor) do not
     change the model, and the data's content is covered by its fingerprint.
     """
-    import hashlib
-
     settings = config.model_dump(
         mode="json",
         exclude={"output_dir": True, "execution": True, "workers": True, "data": {"path"}},
@@ -413,7 +412,8 @@ class _State:
 
     data_sha256: str
     config_hash: str
-    tracking_uri: str  # `redact(uri, uri)`: the file may be read by anyone who reads the folder
+    tracking_uri: str  # `redact(uri, uri)`, to show: whoever reads the folder reads this file
+    tracking_key: str  # `_tracking_key(uri)`: which store, compared
     model_name: str
     champion_version: str
     fallback_version: str
@@ -422,9 +422,19 @@ class _State:
 
 
 def _read_state(path: Path) -> _State | None:
+    """The recorded state, or None (absent or unreadable: the job retrains). A record written
+    before the URI was kept redacted holds it in clear: its key comes from that URI, and the
+    file is rewritten without the credential at once."""
     try:
-        return _State(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(record, dict) and "tracking_key" not in record:
+            raw = record["tracking_uri"]
+            record.update(tracking_uri=redact(raw, raw), tracking_key=_tracking_key(raw))
+            state = _State(**record)
+            _write_state(path, state)
+            return state
+        return _State(**record)
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
@@ -432,10 +442,12 @@ def _write_state(path: Path, state: _State) -> None:
     atomic_write_text(path, json.dumps(asdict(state), indent=2) + "\n")
 
 
-def _shown_uri(uri: str) -> str:
-    """The tracking URI as `state.json` keeps it: without its password, token or secret query
-    values. A rotated password is still the same store, so it does not force a retrain."""
-    return redact(uri, uri)
+def _tracking_key(uri: str) -> str:
+    """Which store and user `uri` names, as a digest: sha256 of the URI with its userinfo
+    password or token masked by position (`without_userinfo_secret`). A rotated password is
+    the same store, and a password that also spells a host or database name cannot make two
+    stores share a key; the digest keeps secret query values off the disk."""
+    return hashlib.sha256(without_userinfo_secret(uri).encode()).hexdigest()
 
 
 def _aliases_unchanged(state: _State, uri: str) -> bool:
@@ -657,8 +669,8 @@ def run_retrain(
         if (
             not force
             and state is not None
-            and (state.data_sha256, state.config_hash, state.tracking_uri, state.model_name)
-            == (fingerprint["sha256"], digest, _shown_uri(tracking.uri), config.name)
+            and (state.data_sha256, state.config_hash, state.tracking_key, state.model_name)
+            == (fingerprint["sha256"], digest, _tracking_key(tracking.uri), config.name)
             and _aliases_unchanged(state, tracking.uri)
         ):
             message = (
@@ -724,7 +736,8 @@ def run_retrain(
                 _State(
                     data_sha256=fingerprint["sha256"],
                     config_hash=digest,
-                    tracking_uri=_shown_uri(tracking.uri),
+                    tracking_uri=redact(tracking.uri, tracking.uri),
+                    tracking_key=_tracking_key(tracking.uri),
                     model_name=config.name,
                     champion_version=holders[CHAMPION],
                     fallback_version=holders[FALLBACK],

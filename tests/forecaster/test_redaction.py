@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from forecaster.errors import DataError, TrackingError
-from forecaster.redaction import redact
+from forecaster.redaction import redact, without_userinfo_secret
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,22 @@ def test_redact_hides_the_credentials_of_a_tracking_uri(uri: str, shown: str) ->
         redact(f"request to {uri.rstrip('/')}/api failed")
         == f"request to {shown.rstrip('/')}/api failed"
     )
+
+
+@pytest.mark.parametrize(
+    ("uri", "kept"),
+    [
+        ("postgresql://mlflow:mlflow@db/mlflow", "postgresql://mlflow:***@db/mlflow"),
+        ("mysql://u:p@ss@db/mlflow", "mysql://u:***@db/mlflow"),
+        ("https://tok3n@mlflow", "https://***@mlflow"),
+        ("https://mlflow/?token=abc&authSource=x", "https://mlflow/?token=abc&authSource=x"),
+        ("sqlite:////srv/me@corp/mlruns.db", "sqlite:////srv/me@corp/mlruns.db"),
+    ],
+)
+def test_without_userinfo_secret_masks_the_password_by_position_only(uri: str, kept: str) -> None:
+    # A password that also spells the user or the database leaves them readable: the result
+    # says which store and user, for comparing stores, and is not for showing (query secrets stay).
+    assert without_userinfo_secret(uri) == kept
 
 
 def test_redact_hides_the_uri_secrets_anywhere_in_a_message() -> None:

@@ -43,6 +43,8 @@ from pipelines.retrain import (
     LockHeld,
     LockInfo,
     _DeadlineCallback,
+    _read_state,
+    _tracking_key,
     exit_code,
     parse_duration,
     retrain_lock,
@@ -140,6 +142,61 @@ def _write_lock(path: Path, **changes: object) -> LockInfo:
     info = LockInfo(**{**asdict(info), **changes})  # type: ignore[arg-type]
     path.write_text(json.dumps(asdict(info)))
     return info
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        # a password that spells the user and the database (the docker-compose default)
+        ("postgresql://mlflow:mlflow@db:5432/mlflow", "postgresql://stage:stage@db:5432/stage"),
+        ("http://u:a@ha:5000", "http://u:b@hb:5000"),  # one that spells part of the host
+        ("http://u:5000@h:5000", "http://u:6000@h:6000"),  # ... or the port
+        ("mongodb://u:p@h/db?authSource=a", "mongodb://u:p@h/db?authSource=b"),
+        ("http://u:p@h:5000", "http://v:p@h:5000"),  # another user
+    ],
+)
+def test_different_tracking_stores_have_different_keys(one: str, other: str) -> None:
+    assert _tracking_key(one) != _tracking_key(other)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("http://ops:mlflow@mlflow.internal:5000", "http://ops:rotated@mlflow.internal:5000"),
+        ("https://old-token@mlflow.example.com", "https://new-token@mlflow.example.com"),
+    ],
+)
+def test_a_rotated_password_or_token_is_the_same_store(one: str, other: str) -> None:
+    assert _tracking_key(one) == _tracking_key(other)
+
+
+def test_a_state_file_with_the_uri_in_clear_is_read_and_rewritten_without_it(
+    tmp_path: Path,
+) -> None:
+    raw = "postgresql://mlflow:s3cret-pw@db:5432/mlflow?token=tok-123"
+    record = {
+        "data_sha256": "d" * 64,
+        "config_hash": "c" * 64,
+        "tracking_uri": raw,
+        "model_name": "plant",
+        "champion_version": "3",
+        "fallback_version": "4",
+        "run_id": "r1",
+        "finished_at": "2026-12-01T00:00:00+00:00",
+    }
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(record))
+    state = _read_state(path)
+    assert state is not None
+    assert state.tracking_key == _tracking_key(raw)  # still up to date against the same store
+    assert (state.champion_version, state.run_id) == ("3", "r1")
+    text = path.read_text()
+    assert "s3cret-pw" not in text
+    assert "tok-123" not in text
+    assert json.loads(text)["tracking_uri"] == "postgresql://mlflow:***@db:5432/mlflow?token=***"
+    assert _read_state(path) == state
+    path.write_text("{not json")
+    assert _read_state(path) is None
 
 
 def test_live_lock_refuses_naming_pid_host_and_age(tmp_path: Path) -> None:
