@@ -3,8 +3,8 @@
 Each baseline is a function `(inputs, horizon, ...) -> forecasts`, in the units of its inputs;
 `baseline(name, horizon, season=...)` binds the arguments into the `forecast_fn(inputs) -> [N, H]`
 that `forecaster.evaluation.evaluate_forecaster` calls. The numpy baselines need nothing else; the
-statistical ones (AutoETS, AutoARIMA) use the optional package statsforecast, imported only when
-called, so this module never requires it.
+statistical ones (AutoETS, AutoARIMA) use the optional package statsforecast (the `stats` extra),
+imported only when called, so this module never requires it.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def statsforecast_forecast(
     except ImportError as exc:
         raise ModelError(
             f"the {model} baseline needs the optional package statsforecast, which is not "
-            "installed: pip install statsforecast",
+            "installed: pip install 'forecaster[stats]' (or pip install statsforecast)",
             field="model",
         ) from exc
     out = np.empty((arr.shape[0], horizon), dtype=np.float64)
